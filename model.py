@@ -11,6 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field, asdict
 
+import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,7 +20,651 @@ IGNORE_INDEX = -100  # LLaVA's convention: labels that take no loss
 
 
 # ----------------------------------------------------------------------------- LLM
-# (section owned by the LLM work: LLMConfig, RMSNorm, RoPE, Attention, MLP, LLM, generate)
+# The decoder LLM of section 3.1 (Qwen2.5-7B-Instruct by default; Qwen1.5 and Llama-3.1 in the
+# Tab. 6 ablation, Llama-3.1-8B-Instruct for Phoenix). One module family covers all three:
+# they differ only in q/k/v biases, RoPE frequency scaling and tied embeddings.
+
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class LLMConfig:
+    """Defaults are Qwen2.5-7B-Instruct's config.json."""
+    model_type: str = "qwen2"             # "qwen2" (Qwen1.5/2/2.5) or "llama" (Llama-3.x)
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4          # < num_attention_heads: grouped-query attention
+    head_dim: int | None = None           # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    rope_scaling: dict | None = None      # {"rope_type": "llama3" | "linear", "factor": ..., ...}
+    tie_word_embeddings: bool = False
+    attention_bias: bool = True           # bias on q/k/v (always on in qwen2)
+    o_proj_bias: bool = False             # llama's attention_bias covers o_proj too; qwen2 never
+    mlp_bias: bool = False
+    bos_token_id: int | None = 151643
+    eos_token_id: int | list | None = 151645
+    pad_token_id: int | None = None
+    dtype: str = "bfloat16"               # the dtype the checkpoint is stored in
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in _ROPE_TYPES:
+            raise ValueError(f"rope_type {rope_type!r} is not supported (supported: {', '.join(_ROPE_TYPES)})")
+
+    @classmethod
+    def from_hf(cls, d: dict, source: str = "config.json") -> "LLMConfig":
+        """Read a Hugging Face config.json dict; the one place that knows both HF spellings
+        (rope_theta/rope_scaling or rope_parameters; torch_dtype or dtype)."""
+        model_type = d.get("model_type")
+        if model_type not in ("qwen2", "llama"):
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported "
+                             "(qwen2 for Qwen1.5/2/2.5, llama for Llama-3.x)")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if key not in d:
+                raise ValueError(f"{source}: missing {key}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (silu)")
+        if d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or []):
+            raise ValueError(f"{source}: sliding-window attention is not supported; set use_sliding_window to false")
+        rope = d.get("rope_parameters")
+        if isinstance(rope, dict):  # transformers >= 5 spelling
+            scaling = dict(rope)
+            theta = scaling.pop("rope_theta", d.get("rope_theta", 10000.0))
+        else:
+            scaling = dict(d.get("rope_scaling") or {})
+            theta = d.get("rope_theta", 10000.0)
+        if "type" in scaling:  # older spelling of rope_type
+            scaling.setdefault("rope_type", scaling.pop("type"))
+        if scaling.get("rope_type", "default") == "default":
+            scaling = None
+        llama = model_type == "llama"
+        heads = d["num_attention_heads"]
+        try:
+            return cls(
+                model_type=model_type, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+                num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
+                head_dim=d.get("head_dim"),
+                max_position_embeddings=d.get("max_position_embeddings", 2048 if llama else 32768),
+                rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+                tie_word_embeddings=d.get("tie_word_embeddings", False),
+                attention_bias=d.get("attention_bias", False) if llama else True,
+                o_proj_bias=d.get("attention_bias", False) if llama else False,
+                mlp_bias=d.get("mlp_bias", False) if llama else False,
+                bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
+                pad_token_id=d.get("pad_token_id"),
+                dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32").removeprefix("torch."))
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    def to_hf(self) -> dict:
+        """The config.json transformers reads (old rope/dtype spellings, which 4.x and 5.x both accept)."""
+        llama = self.model_type == "llama"
+        if llama and self.o_proj_bias != self.attention_bias:
+            raise ValueError("a llama config has one attention_bias for q/k/v/o; o_proj_bias must equal it")
+        if not llama and (not self.attention_bias or self.o_proj_bias or self.mlp_bias):
+            raise ValueError("a qwen2 config has q/k/v biases and no o_proj/MLP bias")
+        d = {
+            "architectures": ["LlamaForCausalLM" if llama else "Qwen2ForCausalLM"],
+            "model_type": self.model_type, "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim, "hidden_act": "silu", "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id, "torch_dtype": self.dtype,
+            "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
+        }
+        if llama:
+            d.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+        else:
+            d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers)
+        return d
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 and cast back before the weight, as the public checkpoints were trained.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(config: LLMConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,) in fp32 on the CPU, with the config's frequency scaling."""
+    dim, base = config.head_dim, config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        # Llama 3.1: long wavelengths slowed down by `factor`, short ones kept, a smooth blend between.
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables over positions, computed once in fp32 and grown by doubling when a longer
+    position is asked for. Plain attributes, not buffers: `model.to(bfloat16)` must not round them."""
+
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.inv_freq = rope_inv_freq(config)  # (head_dim / 2,)
+        self.cos = self.sin = None             # (n_positions, head_dim)
+
+    def forward(self, position_ids, dtype, n_positions: int):
+        device = position_ids.device
+        if self.cos is None or self.cos.shape[0] < n_positions or self.cos.device != device:
+            n = max(n_positions, 2 * self.cos.shape[0] if self.cos is not None else 256)
+            freqs = torch.arange(n, device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)  # (n, head_dim)
+            self.cos, self.sin = emb.cos(), emb.sin()
+        return self.cos[position_ids].to(dtype), self.sin[position_ids].to(dtype)  # (B, T, head_dim)
+
+
+def rotate_half(x):
+    # Halves, not interleaved pairs: the HF layout of the Qwen and Llama checkpoints.
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):  # x (B, H, T, hd), cos/sin (B, T, hd)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions, so a decoding step
+    writes into a slice instead of concatenating. `length` positions are filled."""
+
+    def __init__(self, config: LLMConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, KV, S_max, hd)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def batch_size(self):
+        return self.k.shape[1]
+
+    def update(self, layer: int, k, v):
+        """Store this step's k/v (B, KV, T, hd) and return all of them so far (B, KV, length + T, hd)."""
+        end = self.length + k.shape[2]
+        if end > self.k.shape[3]:
+            raise ValueError(f"KV cache holds {self.k.shape[3]} positions, asked for {end}")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def repeat_interleave(self, n: int):
+        """Each row n times (a prompt's cache copied to its beams)."""
+        self.k, self.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
+
+    def reorder(self, index):
+        """Rows take the cache of row index[i] (beam search keeps the best parents)."""
+        n = self.length
+        self.k[:, :, :, :n] = self.k[:, index, :, :n]
+        self.v[:, :, :, :n] = self.v[:, index, :, :n]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LLMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.head_dim = layer_idx, config.head_dim
+        D, H, KV, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = nn.Linear(D, H * hd, bias=config.attention_bias)
+        self.k_proj = nn.Linear(D, KV * hd, bias=config.attention_bias)
+        self.v_proj = nn.Linear(D, KV * hd, bias=config.attention_bias)
+        self.o_proj = nn.Linear(H * hd, D, bias=config.o_proj_bias)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd)
+        # mask None means plain causal attention over this call's tokens (no cache, no padding).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=True)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        D, I, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(D, I, bias=bias)
+        self.up_proj = nn.Linear(D, I, bias=bias)
+        self.down_proj = nn.Linear(I, D, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LLMConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _dtype(d) -> torch.dtype:
+    if isinstance(d, torch.dtype):
+        return d
+    if not isinstance(getattr(torch, str(d).removeprefix("torch."), None), torch.dtype):
+        raise ValueError(f"unknown dtype {d!r} (float32, bfloat16, float16)")
+    return getattr(torch, str(d).removeprefix("torch."))
+
+
+def _eos_list(eos) -> list:
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
+class LLM(nn.Module):
+    """A decoder-only causal LM with the Hugging Face parameter names of Qwen2 and Llama."""
+
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.config = config
+        # _weight skips nn.Embedding's own normal_ init: _init_weights below does it, and on the
+        # meta device (from_pretrained) normal_ would import ~70 MB of torch for nothing.
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size,
+                                      _weight=torch.empty(config.vocab_size, config.hidden_size)),
+            layers=nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)]),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config)
+        self.tie_weights()
+        self._init_weights()
+        # EOS ids generate() stops on by default: generation_config.json's when loaded from a folder.
+        self.generation_config = {}
+        self.generation_eos_ids = _eos_list(config.eos_token_id)
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _init_weights(self, std: float = 0.02):
+        if self.lm_head.weight.is_meta:
+            return  # from_pretrained fills the weights
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def embed(self, input_ids):  # (B, T) -> (B, T, D)
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, cache=None):
+        """Logits (B, T, V) in the model dtype.
+
+        attention_mask (B, S): 1 = token, 0 = padding, over the cached positions and this call's
+        (S = cache.length + T). Without position_ids, positions count real tokens only
+        (mask cumsum - 1), so a left-padded prompt is computed as it would be alone.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        B, T, _ = x.shape
+        past = cache.length if cache is not None else 0
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"the KV cache holds {cache.batch_size} rows, the input has {B}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)} "
+                             "(cached positions + new tokens)")
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
+            else:
+                position_ids = attention_mask.long().cumsum(-1) - 1
+                position_ids = position_ids.masked_fill(attention_mask == 0, 0)[:, past:]  # (B, T)
+            n_positions = past + T
+        else:
+            n_positions = int(position_ids.max()) + 1
+        cos, sin = self.rotary(position_ids, x.dtype, n_positions)  # (B, T, hd)
+        mask = self._attention_mask(attention_mask, T, past, x.device)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(self.model.norm(x))  # (B, T, V)
+
+    @staticmethod
+    def _attention_mask(attention_mask, T, past, device):
+        """Boolean (B or 1, 1, T, S) mask, True = may attend; None for plain causal attention."""
+        if past == 0 and (attention_mask is None or bool(attention_mask.all())):
+            return None  # lets SDPA use its causal kernels
+        q_pos = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
+        k_pos = torch.arange(past + T, device=device)[None, :]        # (1, S)
+        mask = (k_pos <= q_pos)[None]                                 # (1, T, S)
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()[:, None, :]           # (B, T, S)
+            # A padding query sees no real key; letting it see itself keeps SDPA off an all-masked
+            # row (NaN), and NaN in padding rows would leak through 0 * NaN into real rows' values.
+            mask = mask | (k_pos == q_pos)
+        return mask[:, None]  # (B, 1, T, S)
+
+    # ------------------------------------------------------------------ Hugging Face folders
+
+    @classmethod
+    def from_pretrained(cls, folder: str, dtype=torch.float32, device="cpu") -> "LLM":
+        """Load config.json + model.safetensors (or shards + model.safetensors.index.json).
+
+        The model is built on the meta device and each tensor is read from its file straight into
+        its own memory (cast to `dtype`, placed on `device`) one at a time, so memory holds one
+        copy of the weights plus at most one tensor. Missing, unexpected and mis-shaped keys are
+        errors that name the file and the key.
+        """
+        dtype = _dtype(dtype)
+        config_path = os.path.join(folder, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{folder}: no config.json; an LLM folder holds config.json and model.safetensors "
+                                    "(or model-*.safetensors shards with model.safetensors.index.json)")
+        with open(config_path) as f:
+            config = LLMConfig.from_hf(json.load(f), source=config_path)
+        key_files, missing_source = _checkpoint_keys(folder)
+        with torch.device("meta"):
+            llm = cls(config)
+        expected = dict(llm.named_parameters())  # tied lm_head.weight is not listed (shared)
+        ignored = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        for key, path in key_files.items():
+            if key not in expected and key not in ignored:
+                raise KeyError(f"checkpoint {path}: unexpected {key}")
+        for key in expected:
+            if key not in key_files:
+                raise KeyError(f"checkpoint {missing_source}: missing {key}")
+        by_file = {}
+        for key, path in key_files.items():
+            if key in expected:
+                by_file.setdefault(path, []).append(key)
+        # Shapes first (headers only), so a wrong checkpoint fails before gigabytes are read.
+        headers = {path: _safetensors_header(path) for path in by_file}
+        for path, keys in by_file.items():
+            entries = headers[path][0]
+            for key in keys:
+                if key not in entries:
+                    raise KeyError(f"checkpoint {path}: missing {key} (the index lists it in this shard)")
+                shape = tuple(entries[key]["shape"])
+                if shape != tuple(expected[key].shape):
+                    raise ValueError(f"checkpoint {path}: {key} has shape {shape}, "
+                                     f"the config expects {tuple(expected[key].shape)}")
+        modules = dict(llm.named_modules())
+        for path, keys in by_file.items():
+            entries, data_start = headers[path]
+            # Plain reads, not safetensors' mmap: a mapped tensor keeps the whole shard's pages
+            # resident and stays backed by the file (which a later save into the folder overwrites).
+            with open(path, "rb", buffering=0) as f:
+                for key in keys:
+                    module_name, name = key.rsplit(".", 1)
+                    tensor = _read_tensor(f, path, key, entries[key], data_start, dtype, device)
+                    modules[module_name]._parameters[name] = nn.Parameter(tensor)
+                    del tensor
+        llm.tie_weights()
+        gen_path = os.path.join(folder, "generation_config.json")
+        if os.path.isfile(gen_path):
+            with open(gen_path) as f:
+                llm.generation_config = json.load(f)
+            if llm.generation_config.get("eos_token_id") is not None:
+                llm.generation_eos_ids = _eos_list(llm.generation_config["eos_token_id"])
+        return llm.eval()
+
+    def save_pretrained(self, folder: str, max_shard_size: int = 2**30, tokenizer=None):
+        """Write a folder transformers.AutoModelForCausalLM.from_pretrained loads: config.json,
+        model.safetensors (or shards of at most max_shard_size bytes + model.safetensors.index.json),
+        generation_config.json (and the tokenizer's files when one is given)."""
+        from safetensors.torch import save_file
+        os.makedirs(folder, exist_ok=True)
+        tensors = {n: p.detach().contiguous() for n, p in self.named_parameters()}  # tied head listed once
+        shards, size = [{}], 0
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_size:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += nbytes
+        if len(shards) == 1:
+            names = ["model.safetensors"]
+        else:
+            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            save_file({k: v.cpu() for k, v in shard.items()}, os.path.join(folder, name), metadata={"format": "pt"})
+        index_path = os.path.join(folder, "model.safetensors.index.json")
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                     "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+            with open(index_path, "w") as f:
+                json.dump(index, f, indent=2)
+        # Weights of an earlier save into the same folder would shadow or confuse the new ones.
+        for old in os.listdir(folder):
+            stale = old.startswith("model") and old.endswith(".safetensors") and old not in names
+            if stale or (old == "model.safetensors.index.json" and len(shards) == 1):
+                os.remove(os.path.join(folder, old))
+        config = self.config.to_hf()
+        config["torch_dtype"] = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        gen = dict(self.generation_config)
+        eos = self.generation_eos_ids
+        gen["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
+        gen.setdefault("bos_token_id", self.config.bos_token_id)
+        if self.config.pad_token_id is not None:
+            gen.setdefault("pad_token_id", self.config.pad_token_id)
+        with open(os.path.join(folder, "generation_config.json"), "w") as f:
+            json.dump(gen, f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens: int = 32,
+                 eos_token_id=None, num_beams: int = 1, length_penalty: float = 1.0, pad_token_id=None):
+        """New tokens only (B, <= max_new_tokens), rows padded with pad_token_id (default: the first
+        EOS id) after their EOS. Prompts are left-padded (attention_mask 0 on the left).
+
+        eos_token_id: int or list; None uses the folder's generation_config.json EOS ids (or the
+        config's). num_beams > 1 is beam search exactly as transformers' generate(num_beams=k,
+        do_sample=False, length_penalty=..., early_stopping=False) does it.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        eos = _eos_list(eos_token_id) if eos_token_id is not None else list(self.generation_eos_ids)
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        embeds = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        B, T, _ = embeds.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=embeds.device)
+        if tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the prompt {(B, T)}")
+        if max_new_tokens <= 0:
+            return torch.empty(B, 0, dtype=torch.long, device=embeds.device)
+        # The mask of every position the loop can reach, filled with 1 for generated tokens.
+        full_mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=embeds.device)
+        full_mask[:, :T] = attention_mask
+        cache = KVCache(self.config, B, T + max_new_tokens, embeds.device, embeds.dtype)
+        logits = self(inputs_embeds=embeds, attention_mask=full_mask[:, :T], cache=cache)[:, -1].float()  # (B, V)
+        eos_t = torch.tensor(eos, dtype=torch.long, device=embeds.device)
+        if num_beams == 1:
+            return self._greedy(logits, cache, full_mask, T, max_new_tokens, eos_t, pad)
+        return self._beam_search(logits, cache, full_mask, T, max_new_tokens, eos_t, pad, num_beams, length_penalty)
+
+    def _greedy(self, logits, cache, full_mask, T, max_new_tokens, eos, pad):
+        B = logits.shape[0]
+        out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=logits.device)
+        done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+        for step in range(max_new_tokens):
+            token = torch.where(done, pad, logits.argmax(-1))  # (B,)
+            out[:, step] = token
+            done |= torch.isin(token, eos)
+            if step + 1 == max_new_tokens or bool(done.all()):
+                return out[:, :step + 1]
+            logits = self(token[:, None], attention_mask=full_mask[:, :T + step + 1], cache=cache)[:, -1].float()
+
+    def _beam_search(self, logits, cache, full_mask, T, max_new_tokens, eos, pad, K, length_penalty):
+        """transformers' beam search (generation/utils.py `_beam_search`, 5.x), on tensors.
+
+        Each step keeps the top (1 + #eos, at least 2) * K continuations of all beams; those ending
+        in EOS (or at max length) among the top K become finished hypotheses scored
+        logprob / new_length ** length_penalty; the best K unfinished continue. A prompt stops
+        once its K finished hypotheses are all better than what its best running beam could
+        still reach at the current length (early_stopping=False).
+        """
+        B, V = logits.shape
+        L, dev = max_new_tokens, logits.device
+        keep = max(2, 1 + len(eos)) * K
+        top_k_mask = torch.arange(keep, device=dev) < K                      # (keep,)
+        log_probs = F.log_softmax(logits, dim=-1).repeat_interleave(K, 0)    # (B*K, V)
+        cache.repeat_interleave(K)
+        full_mask = full_mask.repeat_interleave(K, 0)                        # (B*K, T + L)
+        running = torch.full((B, K, L), pad, dtype=torch.long, device=dev)   # running beams' new tokens
+        running_scores = torch.zeros(B, K, device=dev)
+        running_scores[:, 1:] = -1e9  # all beams start equal: only the first may expand at step 0
+        finished = running.clone()                                           # (B, K, L) best finished
+        finished_scores = torch.full((B, K), -1e9, device=dev)
+        finished_len = torch.zeros(B, K, dtype=torch.long, device=dev)
+        is_finished = torch.zeros(B, K, dtype=torch.bool, device=dev)
+        open_ = torch.ones(B, 1, dtype=torch.bool, device=dev)              # can still improve
+        batch_offset = torch.arange(B, device=dev)[:, None] * K
+        for step in range(L):
+            scores = (log_probs.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)
+            top_scores, top_idx = torch.topk(scores, keep)                   # (B, keep)
+            parent, token = top_idx // V, top_idx % V
+            candidates = running.gather(1, parent[:, :, None].expand(B, keep, L)).clone()  # (B, keep, L)
+            candidates[:, :, step] = token
+            hits = torch.isin(token, eos) | (step + 1 == L)                  # (B, keep) stop here
+            # The best K that did not stop keep running.
+            alive_scores = top_scores + hits.to(torch.float32) * -1.0e9
+            nxt = torch.topk(alive_scores, K).indices                        # (B, K)
+            running = candidates.gather(1, nxt[:, :, None].expand(B, K, L))
+            running_scores = alive_scores.gather(1, nxt)
+            parent_rows = (parent.gather(1, nxt) + batch_offset).view(-1)   # (B*K,)
+            # Stopped candidates among the top K compete with the finished ones.
+            just = hits & top_k_mask[None, :]
+            new_scores = top_scores / ((step + 1) ** length_penalty)
+            new_scores = new_scores + (~open_).to(torch.float32) * -1.0e9
+            new_scores = new_scores + (~just) * -1.0e9
+            merged_scores = torch.cat((finished_scores, new_scores), 1)      # (B, K + keep)
+            best = torch.topk(merged_scores, K).indices                      # (B, K)
+            finished = torch.cat((finished, candidates), 1).gather(1, best[:, :, None].expand(B, K, L))
+            finished_scores = merged_scores.gather(1, best)
+            new_len = torch.full((B, keep), step + 1, dtype=torch.long, device=dev)
+            finished_len = torch.cat((finished_len, new_len), 1).gather(1, best)
+            is_finished = torch.cat((is_finished, just), 1).gather(1, best)
+            # transformers' early-stop heuristic: the best running score at the current length.
+            best_possible = running_scores[:, :1] / ((step + 1) ** length_penalty)
+            worst = torch.where(is_finished, finished_scores.min(1, keepdim=True).values, -1.0e9)
+            open_ = open_ & (best_possible > worst).any(-1, keepdim=True)
+            if step + 1 == L or not bool(open_.any()) or bool(hits.all()):
+                break
+            cache.reorder(parent_rows)
+            token = running[:, :, step].reshape(B * K, 1)
+            logits = self(token, attention_mask=full_mask[:, :T + step + 1], cache=cache)[:, -1].float()
+            log_probs = F.log_softmax(logits, dim=-1)                        # (B*K, V)
+        n = int(finished_len[:, 0].max())
+        return finished[:, 0, :n]
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _safetensors_header(path: str):
+    """({key: {"dtype", "shape", "data_offsets"}}, byte offset of the data) of a .safetensors file.
+
+    The format: 8 bytes little-endian header length, a JSON header, then the raw tensor bytes.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise ValueError(f"checkpoint {path}: not a safetensors file (truncated or corrupt header)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"checkpoint {path}: not a safetensors file (unreadable header)") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _read_tensor(f, path, key, entry, data_start, dtype, device):
+    """Read one tensor from an open safetensors file into fresh memory of `dtype` on `device`."""
+    src = _SAFETENSORS_DTYPES.get(entry["dtype"])
+    if src is None:
+        raise ValueError(f"checkpoint {path}: {key} has dtype {entry['dtype']}, which this loader does not read")
+    begin, end = entry["data_offsets"]
+    out = torch.empty(entry["shape"], dtype=src)  # CPU; the parameter itself when no cast or move is needed
+    buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+    if end - begin != len(buf):
+        raise ValueError(f"checkpoint {path}: {key} holds {end - begin} bytes, its shape and dtype need {len(buf)}")
+    f.seek(data_start + begin)
+    while len(buf):  # one read may return less than asked (files over 2 GB, pipes)
+        n = f.readinto(buf)
+        if not n:
+            raise ValueError(f"checkpoint {path}: file ends inside {key} (truncated download?)")
+        buf = buf[n:]
+    return out.to(device=device, dtype=dtype)
+
+
+def _checkpoint_keys(folder: str):
+    """{key: safetensors path} of a folder's weights and the file a missing key is reported against."""
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"checkpoint {index_path}: no weight_map")
+        for name in sorted(set(weight_map.values())):
+            if not os.path.isfile(os.path.join(folder, name)):
+                raise FileNotFoundError(f"checkpoint {index_path}: shard {name} is missing from {folder}")
+        return {k: os.path.join(folder, v) for k, v in weight_map.items()}, index_path
+    if os.path.isfile(single):
+        return {k: single for k in _safetensors_header(single)[0]}, single
+    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json; an LLM folder holds "
+                            "config.json and safetensors weights (pickled .bin checkpoints are not loaded)")
+
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -148,7 +793,431 @@ def load_lora(module: nn.Module, folder: str) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- Tokenizer
-# (section owned by the tokenizer work: Tokenizer, chat templates)
+# `tokenizers.Tokenizer` (tokenizer.json) plus what a Hugging Face folder keeps beside it:
+# special tokens and the chat template (tokenizer_config.json, chat_template.jinja) and the
+# stop ids (generation_config.json). Prompts come from the folder's own Jinja template,
+# rendered as transformers renders it (DESIGN.md section 3): Llama-3.1's adds a "Cutting
+# Knowledge Date" block, Qwen2.5's a default system prompt, and ids must match to the token.
+
+# Built-in formats, only for folders without a template. Written as Jinja so they take the
+# same path as a folder's own template and can be saved as one (transformers then agrees).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3_TEMPLATE = (  # Meta-Llama-3-Instruct's template, with the BOS written out
+    "{{ '<|begin_of_text|>' }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+# (template, token that ends a turn and so must stop generation, tokens the vocabulary needs)
+_BUILTIN_FORMATS = (
+    (CHATML_TEMPLATE, "<|im_end|>", ("<|im_start|>", "<|im_end|>")),
+    (LLAMA3_TEMPLATE, "<|eot_id|>", ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+)
+# The named special tokens transformers passes to every template (its SPECIAL_TOKENS_ATTRIBUTES);
+# any other `*_token` key of tokenizer_config.json is passed too.
+_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# Qwen2's pre-tokenizer split (byte-level BPE), reused by Tokenizer.train(kind="bpe").
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# Tokenizer.train(kind="wordlevel"): a word (internal - and ' kept, so glosses like cl-KOMMEN stay
+# whole) or a run of punctuation; whitespace separates and is dropped.
+_WORD_SPLIT = r"\w+(?:[-']\w+)*|[^\w\s]+"
+_COMPILED_TEMPLATES = {}
+
+
+def _read_json(path: str):
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _token_str(value, key: str, path: str):
+    """A special token as written in tokenizer_config.json: a string, or an AddedToken dict."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"{path}: {key} must be a string or an AddedToken dict with 'content', got {value!r}")
+
+
+def _plain(value):
+    # What a template sees is rebuilt from plain JSON types (as transformers does), so no
+    # object with methods reaches the sandbox.
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, str):  # subclasses (enums, ...) carry methods: back to the base type
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):  # numpy scalar
+        return _plain(value.item())
+    return f"<{type(value).__name__}>"
+
+
+def _compile_chat_template(source: str):
+    """Compile a chat template in the environment of transformers (utils/chat_template_utils.py):
+    ImmutableSandboxedEnvironment with trim_blocks and lstrip_blocks, loop controls,
+    `raise_exception`, `strftime_now`, a `tojson` that does not HTML-escape, restricted `dict`
+    and `namespace`, and `{% generation %}` blocks (rendered as their body)."""
+    if source in _COMPILED_TEMPLATES:
+        return _COMPILED_TEMPLATES[source]
+    from datetime import datetime
+
+    import jinja2  # imported here: only prompts need it (torch installs it too)
+    import jinja2.ext
+    import jinja2.nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    if tuple(int(p) for p in jinja2.__version__.split(".")[:3] if p.isdigit()) < (3, 1, 6):
+        # templates come from checkpoint folders, i.e. untrusted code: older sandboxes have escapes
+        raise ImportError(f"chat templates need jinja2>=3.1.6 (sandbox fixes), found {jinja2.__version__}")
+
+    class GenerationBlock(jinja2.ext.Extension):
+        # transformers uses these blocks to build assistant masks; the text is unchanged.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format):
+        return datetime.now().strftime(format)
+
+    class TemplateDict:  # `dict(...)` without attribute access to the dict type
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):  # no dunder attributes (CPython internals)
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check_name(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"chat templates cannot set {name!r} on a namespace")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now,
+                       dict=TemplateDict(), namespace=TemplateNamespace)
+    compiled = _COMPILED_TEMPLATES[source] = env.from_string(source)
+    return compiled
+
+
+class Tokenizer:
+    """tokenizer.json with the special tokens, chat template and stop ids of its folder.
+
+    tok = Tokenizer.from_pretrained(folder); ids = tok.encode(text); text = tok.decode(ids)
+    ids = tok.apply_chat_template([{"role": "system", ...}, {"role": "user", ...}], add_generation_prompt=True)
+    """
+
+    def __init__(self, backend, special_tokens: dict = None, chat_template: str = None,
+                 eos_token_ids=None, config: dict = None, source: str = "tokenizer"):
+        self.backend = backend  # tokenizers.Tokenizer
+        # {"eos_token": "<|im_end|>", ...}: the named special tokens every template sees
+        self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+        self.chat_template = chat_template  # the folder's Jinja template; None: a built-in format
+        self.config = dict(config or {})    # tokenizer_config.json as read; save_pretrained writes it back
+        self.source = source                # the folder, for error messages
+        for key, token in self.special_tokens.items():
+            if backend.token_to_id(token) is None:
+                raise ValueError(f"{source}: {key} {token!r} is not in the vocabulary of tokenizer.json")
+        # Stop ids: generation_config's, then the eos token, then the turn end of a built-in format
+        # (a folder chatting in ChatML must stop at <|im_end|> even if its own eos is <|endoftext|>).
+        ids = [int(i) for i in (eos_token_ids or [])]
+        if self.eos_token is not None:
+            ids.append(self.token_to_id(self.eos_token))
+        builtin = self._builtin_format()
+        if builtin is not None and self.chat_template in (None, builtin[0]):
+            ids.append(self.token_to_id(builtin[1]))
+        self.eos_token_ids = list(dict.fromkeys(ids))
+        # transformers cleans " ." -> "." in decode when asked, except for BPE (it would corrupt the text)
+        force_bpe = self.config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")
+        self._clean_up_spaces = bool(self.config.get("clean_up_tokenization_spaces", False)) and (
+            type(backend.model).__name__ != "BPE" or bool(force_bpe))
+
+    # -------------------------------------------------------------- loading and saving
+    @classmethod
+    def from_pretrained(cls, folder: str) -> "Tokenizer":
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{folder}: no tokenizer.json; put the checkpoint's tokenizer.json "
+                                    "(and tokenizer_config.json, generation_config.json) in this folder")
+        try:
+            backend = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # the Rust side raises a bare Exception on a malformed file
+            raise ValueError(f"{path}: not a tokenizers file ({str(e).splitlines()[0] if str(e) else e!r})") from None
+        config_path = os.path.join(folder, "tokenizer_config.json")
+        config = _read_json(config_path) or {}
+        legacy = _read_json(os.path.join(folder, "special_tokens_map.json"))
+        if legacy and "added_tokens_decoder" not in config:  # old folders, read as transformers does
+            config = {**config, **{k: v for k, v in legacy.items() if k != "additional_special_tokens"}}
+            config.setdefault("additional_special_tokens", legacy.get("additional_special_tokens"))
+
+        special = {k: _token_str(v, k, config_path) for k, v in config.items()
+                   if k in _SPECIAL_TOKEN_KEYS or (k.endswith("_token") and isinstance(v, (str, dict)))}
+        extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+        if isinstance(extra, dict):  # named model-specific tokens, e.g. {"image_token": "<|image_pad|>"}
+            special.update({k: _token_str(v, k, config_path) for k, v in extra.items()})
+            extra = []
+        extra = [_token_str(t, "additional_special_tokens", config_path) for t in extra]
+        cls._add_config_tokens(backend, config.get("added_tokens_decoder") or {},
+                               [t for t in special.values() if t is not None] + extra, config_path)
+
+        template = config.get("chat_template")
+        jinja_path = os.path.join(folder, "chat_template.jinja")
+        if os.path.isfile(jinja_path):  # written by recent transformers; wins over the config, as there
+            with open(jinja_path, encoding="utf-8") as f:
+                template = f.read()
+        if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+            template = {t["name"]: t["template"] for t in template}
+        if isinstance(template, dict):
+            if "default" not in template:
+                raise ValueError(f"{config_path}: chat_template has no 'default' among {sorted(template)}")
+            template = template["default"]
+
+        eos = (_read_json(os.path.join(folder, "generation_config.json")) or {}).get("eos_token_id")
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        return cls(backend, special, template, eos, config, source=folder)
+
+    @staticmethod
+    def _add_config_tokens(backend, added_tokens_decoder: dict, special: list, config_path: str):
+        # transformers adds tokenizer_config.json's added tokens, and the special tokens it names,
+        # when tokenizer.json lacks them; then they are recognised inside text like any special token.
+        present = {t.content for t in backend.get_added_tokens_decoder().values()}
+        flags = ("single_word", "lstrip", "rstrip", "normalized", "special")
+        for idx, entry in sorted(added_tokens_decoder.items(), key=lambda kv: int(kv[0])):
+            entry = entry if isinstance(entry, dict) else {"content": str(entry)}
+            if entry["content"] in present:
+                continue
+            backend.add_tokens([tokenizers.AddedToken(entry["content"], **{k: entry[k] for k in flags if k in entry})])
+            got = backend.token_to_id(entry["content"])
+            if got != int(idx):
+                raise ValueError(f"{config_path}: added token {entry['content']!r} has id {idx} but tokenizer.json "
+                                 f"gives it {got}: the two files come from different checkpoints")
+            present.add(entry["content"])
+        for token in special:
+            if token not in present:
+                backend.add_tokens([tokenizers.AddedToken(token, special=True)])
+                present.add(token)
+
+    def save_pretrained(self, folder: str):
+        """tokenizer.json, tokenizer_config.json (with the chat template in use) and the stop ids in
+        generation_config.json (added when that file, e.g. the model's, does not set them)."""
+        os.makedirs(folder, exist_ok=True)
+        self.backend.save(os.path.join(folder, "tokenizer.json"))
+        config = {k: v for k, v in self.config.items()
+                  if k not in _SPECIAL_TOKEN_KEYS and not (k.endswith("_token") and isinstance(v, (str, dict)))}
+        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        config.update(self.special_tokens)
+        config["added_tokens_decoder"] = {
+            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                     "single_word": t.single_word, "special": t.special}
+            for i, t in sorted(self.backend.get_added_tokens_decoder().items())}
+        template = self._template(required=False)
+        if template is not None:
+            config["chat_template"] = template
+            if os.path.isfile(os.path.join(folder, "chat_template.jinja")):  # would win over the config
+                with open(os.path.join(folder, "chat_template.jinja"), "w", encoding="utf-8") as f:
+                    f.write(template)
+        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+        gen_path = os.path.join(folder, "generation_config.json")
+        gen = _read_json(gen_path) or {}
+        if self.eos_token_ids and gen.get("eos_token_id") is None:
+            ids = self.eos_token_ids
+            gen["eos_token_id"] = ids[0] if len(ids) == 1 else ids
+            if gen.get("pad_token_id") is None:
+                gen["pad_token_id"] = self.pad_token_id
+            with open(gen_path, "w", encoding="utf-8") as f:
+                json.dump(gen, f, indent=2)
+
+    # -------------------------------------------------------------- text <-> ids
+    def encode(self, text: str) -> list:
+        """Token ids of `text`; no BOS/EOS added, special-token text inside it becomes that token."""
+        if not isinstance(text, str):
+            raise TypeError(f"Tokenizer.encode takes a str, got {type(text).__name__}")
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        if hasattr(ids, "tolist"):  # tensor / array
+            ids = ids.tolist()
+        text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        if self._clean_up_spaces:
+            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+                text = text.replace(a, b)
+        return text
+
+    def token_to_id(self, token: str):
+        """The id of one token (None when the vocabulary lacks it)."""
+        return self.backend.token_to_id(token)
+
+    def __len__(self):
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __repr__(self):
+        return f"Tokenizer({self.source!r}, {len(self)} tokens, eos={self.eos_token_ids})"
+
+    @property
+    def bos_token(self):
+        return self.special_tokens.get("bos_token")
+
+    @property
+    def eos_token(self):
+        return self.special_tokens.get("eos_token")
+
+    @property
+    def pad_token(self):
+        return self.special_tokens.get("pad_token")
+
+    @property
+    def pad_token_id(self) -> int:
+        """The pad token's id, else the first stop id (what generation pads finished rows with)."""
+        if self.pad_token is not None:
+            return self.token_to_id(self.pad_token)
+        if self.eos_token_ids:
+            return self.eos_token_ids[0]
+        raise ValueError(f"{self.source}: no pad_token and no eos token; set pad_token in tokenizer_config.json")
+
+    def check_fits(self, num_embeddings: int, where: str = ""):
+        """Raise when this tokenizer can produce ids the model has no embedding row for.
+        (Qwen's embedding has more rows than tokens, 151936 vs 151665: that fits.)"""
+        n = max(self.backend.get_vocab(with_added_tokens=True).values()) + 1
+        if n > num_embeddings:
+            name = os.path.join(self.source, "tokenizer.json") if os.path.isdir(self.source) else self.source
+            model = f"the model {where}" if where else "the model"
+            raise ValueError(f"tokenizer {name} has {n} tokens but {model} has {num_embeddings} embedding rows: "
+                             "use the tokenizer of the same checkpoint")
+
+    # -------------------------------------------------------------- chat
+    def _builtin_format(self):
+        for fmt in _BUILTIN_FORMATS:
+            if all(self.backend.token_to_id(t) is not None for t in fmt[2]):
+                return fmt
+        return None
+
+    def _template(self, required: bool = True):
+        if self.chat_template is not None:
+            return self.chat_template
+        builtin = self._builtin_format()
+        if builtin is None and required:
+            raise ValueError(f"{self.source}: no chat_template in tokenizer_config.json and the vocabulary has neither "
+                             "ChatML (<|im_start|>, <|im_end|>) nor Llama-3 (<|start_header_id|>) tokens; "
+                             "add a chat_template to tokenizer_config.json")
+        return None if builtin is None else builtin[0]
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = True,
+                            **template_vars):
+        """The prompt for `messages` ([{"role", "content"}, ...]) as transformers'
+        `apply_chat_template` makes it: ids (tokenize=True) or the rendered text. Extra keyword
+        arguments are template variables (e.g. date_string for Llama-3.1)."""
+        import jinja2
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("apply_chat_template: messages must be a non-empty list of {'role', 'content'} dicts")
+        chat = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m:
+                raise ValueError(f"apply_chat_template: message {i} must be a dict with 'role' and 'content', "
+                                 f"got {m!r}")
+            chat.append({k: _plain(v) for k, v in m.items() if v is not None})  # None keys dropped, as there
+        variables = {"tools": None, "documents": None, **self.special_tokens, **_plain(template_vars),
+                     "messages": chat, "add_generation_prompt": bool(add_generation_prompt)}
+        try:
+            text = _compile_chat_template(self._template()).render(**variables)
+        except jinja2.exceptions.TemplateError as e:
+            raise ValueError(f"chat template of {self.source}: {e}") from None
+        return self.encode(text) if tokenize else text
+
+    # -------------------------------------------------------------- a fresh vocabulary
+    @classmethod
+    def train(cls, texts, vocab_size: int = 8192, kind: str = "wordlevel", chat_format: str = "chatml",
+              min_frequency: int = 0) -> "Tokenizer":
+        """A new tokenizer for an LLM trained from scratch (the synthetic-language demo).
+
+        kind="wordlevel": one id per word or punctuation run (whitespace separates), so every
+        word and UPPERCASE gloss is a single token; decode joins with single spaces, so
+        "am montag gibt es nebel ." round-trips; unseen words become <|unk|>.
+        kind="bpe": byte-level BPE with Qwen2's pre-tokenizer (any text encodes, nothing is unknown).
+        Special tokens <|endoftext|> (also the pad), <|im_start|>, <|im_end|> (+ <|unk|>); stop ids
+        [<|im_end|>, <|endoftext|>] as Qwen2.5-Instruct; prompts in ChatML, saved as the template.
+        """
+        from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+        if chat_format != "chatml":
+            raise ValueError(f"Tokenizer.train: chat_format must be 'chatml', got {chat_format!r}")
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        if kind == "wordlevel":
+            specials.append("<|unk|>")
+            backend = tokenizers.Tokenizer(models.WordLevel(unk_token="<|unk|>"))
+            backend.pre_tokenizer = pre_tokenizers.Split(Regex(_WORD_SPLIT), behavior="removed", invert=True)
+            trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                                special_tokens=specials, show_progress=False)
+        elif kind == "bpe":
+            backend = tokenizers.Tokenizer(models.BPE())
+            backend.normalizer = normalizers.NFC()
+            backend.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            backend.decoder = decoders.ByteLevel()
+            trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        else:
+            raise ValueError(f"Tokenizer.train: kind must be 'wordlevel' or 'bpe', got {kind!r}")
+        seen = [0]
+
+        def corpus():
+            for text in texts:
+                seen[0] += 1
+                yield text
+            yield "system user assistant"  # the role names ChatML writes are words of every prompt
+
+        backend.train_from_iterator(corpus(), trainer=trainer)
+        if seen[0] == 0:
+            raise ValueError("Tokenizer.train: the corpus is empty")
+        eos = [backend.token_to_id("<|im_end|>"), backend.token_to_id("<|endoftext|>")]
+        special = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                   "unk_token": "<|unk|>" if kind == "wordlevel" else None}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                  "bos_token": None}
+        return cls(backend, special, CHATML_TEMPLATE, eos, config, source=f"Tokenizer.train({kind})")
 
 
 # ----------------------------------------------------------------------------- Connector
@@ -171,4 +1240,39 @@ class Connector(nn.Module):
 
 
 # ----------------------------------------------------------------------------- LLaVASLT
-# (section added with the trilogy: connector + LLM, visual tokens spliced into inputs_embeds)
+# Section 3.3 / Fig. 2 right: the connector output is inserted into the user turn of the
+# chat template, "concatenating them with text token embeddings as the overall input".
+# The visual encoder is passed in (model.py imports nothing of ours).
+
+class LLaVASLT(nn.Module):
+    """Connector + LLM. Prompts hold `slot_mask` positions whose embeddings are replaced
+    by the projected word-level visual tokens (one slot per valid word feature)."""
+
+    def __init__(self, llm: nn.Module, connector: Connector, visual_encoder: nn.Module = None):
+        super().__init__()
+        self.llm = llm
+        self.connector = connector
+        self.visual_encoder = visual_encoder
+
+    def splice(self, input_ids, slot_mask, word_features, word_mask):
+        """Token embeddings with the visual tokens written into the slots.
+
+        input_ids, slot_mask: (B, T); word_features: (B, N, D_visual); word_mask: (B, N).
+        Row b must have exactly word_mask[b].sum() slots; both are filled in reading order.
+        """
+        embeds = self.llm.embed(input_ids)  # (B, T, D)
+        visual = self.connector(word_features).to(embeds.dtype)  # (B, N, D)
+        n_slots, n_valid = slot_mask.sum(1), word_mask.sum(1)
+        if not torch.equal(n_slots, n_valid):
+            raise ValueError(f"prompt slots {n_slots.tolist()} do not match valid visual tokens {n_valid.tolist()}")
+        return embeds.masked_scatter(slot_mask.unsqueeze(-1), visual[word_mask])
+
+    def forward(self, input_ids, attention_mask, slot_mask, word_features, word_mask):
+        embeds = self.splice(input_ids, slot_mask, word_features, word_mask)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask)  # (B, T, V)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, slot_mask, word_features, word_mask, **kwargs):
+        """Left-padded prompts ending with the assistant header -> new token ids (B, <=max_new_tokens)."""
+        embeds = self.splice(input_ids, slot_mask, word_features, word_mask)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)

@@ -1,0 +1,98 @@
+"""Tests for eval.py: the metrics (BLEU against sacrebleu, ROUGE-L against hand values)."""
+
+import pytest
+from sacrebleu.metrics import BLEU
+
+from eval import rouge_l, score
+
+HYPS = ["am montag gibt es nebel im westen .",
+        "heute regen im norden",
+        "Morgen sonne und wind im süden .",
+        "es bleibt trocken"]
+REFS = ["am montag gibt es starken nebel im westen .",
+        "heute im norden regen und schnee .",
+        "morgen sonne im süden .",
+        "es bleibt meist trocken ."]
+
+
+def _sacrebleu(hyps, refs, n):
+    return BLEU(tokenize="none", max_ngram_order=n).corpus_score(hyps, [refs]).score
+
+
+def test_bleu_equals_sacrebleu_called_directly():
+    s = score(HYPS, REFS)
+    assert set(s) == {"bleu1", "bleu2", "bleu3", "bleu4", "rouge"}
+    for n in range(1, 5):
+        assert s[f"bleu{n}"] == pytest.approx(_sacrebleu(HYPS, REFS, n), abs=1e-9)
+    # cumulative BLEU-n falls with n on imperfect output
+    assert s["bleu1"] > s["bleu2"] > s["bleu3"] > s["bleu4"] > 0
+
+
+def test_bleu1_by_hand_and_raw_strings():
+    # "a b c d" vs "a b c e": 3 of 4 unigrams match, equal lengths (BP = 1) -> 75
+    assert score(["a b c d"], ["a b c e"])["bleu1"] == pytest.approx(75.0)
+    # no lowercasing: "Morgen" does not match "morgen"
+    assert score(["Morgen regen"], ["morgen regen"])["bleu1"] == pytest.approx(50.0)
+    # no tokenisation: "westen." is one token, not "westen" + "."
+    assert score(["im westen."], ["im westen ."])["bleu1"] < 50.0
+    perfect = score(REFS, REFS)
+    assert all(perfect[k] == pytest.approx(100.0) for k in perfect)
+
+
+def test_rouge_l_hand_values():
+    # hyp "the cat sat on mat" (5) vs ref "the cat is on the mat" (6):
+    #   LCS = "the cat on mat" = 4 -> P = 4/5, R = 4/6
+    p, r = 4 / 5, 4 / 6
+    assert rouge_l("the cat sat on mat", "the cat is on the mat") == pytest.approx(
+        (1 + 1.2 ** 2) * r * p / (r + 1.2 ** 2 * p))
+    # "a b c" vs "c b a": LCS = 1 ("a", "b" or "c") -> P = R = 1/3 -> F = 1/3
+    assert rouge_l("a b c", "c b a") == pytest.approx(1 / 3)
+    # "x y" vs "a b": LCS = 0 -> 0;   identical -> 1
+    assert rouge_l("x y", "a b") == 0.0
+    assert rouge_l("a b c", "a b c") == pytest.approx(1.0)
+    # beta weighs recall: a short precise hypothesis "a" vs "a b c d" (P = 1, R = 1/4)
+    assert rouge_l("a", "a b c d") == pytest.approx(2.44 * 0.25 / (0.25 + 1.44))
+
+
+def test_rouge_is_the_mean_over_sentences_x100():
+    hyps, refs = ["the cat sat on mat", "a b c", "x y"], ["the cat is on the mat", "c b a", "a b"]
+    p, r = 4 / 5, 4 / 6
+    expected = 100 * ((1 + 1.44) * r * p / (r + 1.44 * p) + 1 / 3 + 0) / 3
+    assert score(hyps, refs)["rouge"] == pytest.approx(expected)
+
+
+def test_char_level_chinese():
+    hyps = ["我 爱 北京", "今天 天气 好。"]
+    refs = ["我爱北京天安门", "今天天气很好。"]
+    s = score(hyps, refs, level="char")
+    # spaces removed, one token per character
+    char_h, char_r = ["我 爱 北 京", "今 天 天 气 好 。"], ["我 爱 北 京 天 安 门", "今 天 天 气 很 好 。"]
+    for n in range(1, 5):
+        assert s[f"bleu{n}"] == pytest.approx(_sacrebleu(char_h, char_r, n), abs=1e-9)
+    # "我爱北京" vs "我爱北京天安门": LCS 4, P = 1, R = 4/7
+    # "今天天气好。" vs "今天天气很好。": LCS 6 (all but 很), P = 1, R = 6/7
+    def f(p, r):
+        return 2.44 * p * r / (r + 1.44 * p)
+
+    assert s["rouge"] == pytest.approx(100 * (f(1, 4 / 7) + f(1, 6 / 7)) / 2)
+    # word level on the same strings sees whole words: "北京" is one token there
+    assert score(hyps, refs, level="word")["bleu1"] != s["bleu1"]
+
+
+def test_empty_hypothesis_scores_zero_without_crash():
+    s = score(["", "heute regen"], ["heute regen", "heute regen"])
+    assert s["rouge"] == pytest.approx(50.0)
+    for n in range(1, 5):
+        assert s[f"bleu{n}"] == pytest.approx(_sacrebleu(["", "heute regen"], ["heute regen"] * 2, n))
+    assert score([""], ["heute regen"]) == {"bleu1": 0.0, "bleu2": 0.0, "bleu3": 0.0, "bleu4": 0.0, "rouge": 0.0}
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
+        score(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="no sentences"):
+        score([], [])
+    with pytest.raises(ValueError, match="level"):
+        score(["a"], ["a"], level="token")
+    with pytest.raises(TypeError, match="hypothesis 1 is NoneType"):
+        score(["a", None], ["a", "b"])
