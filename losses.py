@@ -70,10 +70,9 @@ def clip_loss(video_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale) -> t
     Parameter gradients: each rank back-propagates into its own rows only, so the
     single-process gradient of an encoder parameter is the SUM over ranks, while DDP
     AVERAGES over ranks. A caller that wants single-process-equal parameter gradients
-    multiplies this loss by W before backward. Caveat: `logit_scale` itself enters the
-    whole global matrix on every rank, so its local gradient is already the full one;
-    after the x W and DDP's average it is W times the single-process gradient (immaterial
-    to Adam's update apart from gradient clipping; divide its .grad by W for exactness).
+    multiplies this loss by W before backward. `logit_scale` enters the whole global
+    matrix on every rank, so its local gradient would already be the full one; it is
+    scaled by 1/W here (value unchanged) so that the same x W rule is exact for it too.
     """
     if video_emb.dim() != 2 or video_emb.shape != text_emb.shape:
         raise ValueError(f"clip_loss: video_emb {tuple(video_emb.shape)} and text_emb "
@@ -86,6 +85,9 @@ def clip_loss(video_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale) -> t
         _check_equal_batches(v.shape[0], v.device)
         v = _gather_with_local_grad(v)  # (W*B, D)
         t = _gather_with_local_grad(t)  # (W*B, D)
+        if torch.is_tensor(logit_scale) and logit_scale.requires_grad:
+            w = dist.get_world_size()
+            logit_scale = logit_scale / w + (logit_scale * (1 - 1 / w)).detach()
     logits = logit_scale * v @ t.T  # (N, N) video i vs text j
     target = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2

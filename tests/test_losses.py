@@ -53,6 +53,18 @@ def test_clip_loss_shape_errors():
         clip_loss(torch.randn(3, 4), torch.randn(2, 4), 1.0)
 
 
+class _ScaledLinear(torch.nn.Module):
+    def __init__(self, weight, scale):
+        super().__init__()
+        self.lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            self.lin.weight.copy_(weight)
+        self.scale = torch.nn.Parameter(torch.tensor(scale, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.lin(x), self.scale
+
+
 def _ddp_worker(rank, world, init_file, data, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -60,17 +72,16 @@ def _ddp_worker(rank, world, init_file, data, out_dir):
         x, t_all, weight, scale = data["x"], data["t"], data["weight"], data["scale"]
         b = x.shape[0] // world
         sl = slice(rank * b, (rank + 1) * b)
-        # video side through a DDP-wrapped linear layer, text side a leaf tensor
-        lin = torch.nn.Linear(x.shape[1], weight.shape[0], bias=False, dtype=torch.float64)
-        with torch.no_grad():
-            lin.weight.copy_(weight)
+        # video side through a DDP-wrapped linear layer with a learnable logit scale, text side a leaf tensor
+        lin = _ScaledLinear(weight, scale)
         model = torch.nn.parallel.DistributedDataParallel(lin)
-        v = model(x[sl])
+        v, s = model(x[sl])
         t = t_all[sl].clone().requires_grad_(True)
-        loss = clip_loss(v, t, scale)
+        loss = clip_loss(v, t, s)
         gv, gt = torch.autograd.grad(loss, [v, t], retain_graph=True)
         (loss * world).backward()  # the docstring's recipe for single-process-equal parameter grads
-        result = {"loss": loss.detach(), "gv": gv, "gt": gt, "gw": lin.weight.grad.clone()}
+        result = {"loss": loss.detach(), "gv": gv, "gt": gt, "gw": lin.lin.weight.grad.clone(),
+                  "gs": lin.scale.grad.clone()}
         # unequal batches must fail loudly on every rank, not hang or mis-pair
         try:
             clip_loss(v[: b - rank], t[: b - rank], scale)
@@ -94,9 +105,10 @@ def test_clip_loss_two_process_gloo_equals_single_process(tmp_path):
     w = data["weight"].clone().requires_grad_(True)
     v = data["x"] @ w.T
     t = data["t"].clone().requires_grad_(True)
-    loss = clip_loss(v, t, data["scale"])
+    scale = torch.tensor(data["scale"], dtype=torch.float64, requires_grad=True)
+    loss = clip_loss(v, t, scale)
     gv, gt = torch.autograd.grad(loss, [v, t], retain_graph=True)
-    (gw,) = torch.autograd.grad(loss, [w])
+    gw, gs = torch.autograd.grad(loss, [w, scale])
 
     for rank in range(world):
         r = torch.load(tmp_path / f"rank{rank}.pt")
@@ -105,6 +117,7 @@ def test_clip_loss_two_process_gloo_equals_single_process(tmp_path):
         torch.testing.assert_close(r["gv"], gv[sl], atol=1e-6, rtol=0)
         torch.testing.assert_close(r["gt"], gt[sl], atol=1e-6, rtol=0)
         torch.testing.assert_close(r["gw"], gw, atol=1e-6, rtol=0)  # DDP average of world * loss
+        torch.testing.assert_close(r["gs"], gs, atol=1e-6, rtol=0)  # the scale is counted once, not W times
         assert "different batch sizes [3, 2]" in r["error"]
 
 
