@@ -69,31 +69,39 @@ def _read_images(files) -> np.ndarray:
     return out
 
 
-def _read_container(path: Path) -> np.ndarray:
+def _read_container(path: Path, sample=None) -> np.ndarray:
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise DataError(f"{path}: file has no video stream; give a video file or a frame folder")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"  # frame + slice threads inside the decoder
-            # One reformatter for the clip keeps its colour converter; frame.to_ndarray("rgb24")
-            # would set one up per frame (8x slower on small frames).
+            decoded = list(container.decode(stream))  # every frame must be decoded (inter-frame coding)
+            if not decoded:
+                raise DataError(f"{path}: video has no frames; re-encode it")
+            # ... but only the sampled ones are converted to RGB, the larger part of the cost. One
+            # reformatter per clip keeps its colour converter; frame.to_ndarray(format="rgb24")
+            # would build one per frame (8x slower on small frames).
+            picked = range(len(decoded)) if sample is None else sample(len(decoded))
             rgb = VideoReformatter()
-            frames = [rgb.reformat(f, format="rgb24").to_ndarray() for f in container.decode(stream)]
+            out = None
+            for i, k in enumerate(picked):
+                frame = rgb.reformat(decoded[k], format="rgb24").to_ndarray()
+                if out is None:
+                    out = np.empty((len(picked),) + frame.shape, np.uint8)  # (T, H, W, 3)
+                out[i] = frame
     except av.FFmpegError as e:  # truncated/corrupt/not a video; str(e) repeats the path, strerror does not
         why = getattr(e, "strerror", None) or str(e)
         raise DataError(f"{path}: cannot decode video ({why}); the file is corrupt or truncated, "
                         "re-download or re-encode it") from None
-    if not frames:
-        raise DataError(f"{path}: video has no frames; re-encode it")
-    return np.stack(frames)  # (T, H, W, 3)
+    return out
 
 
 def read_video(path, sample=None) -> np.ndarray:
     """Frames of a video file (anything PyAV reads: mp4, avi, webm, ...) or a frame folder.
 
-    Returns uint8 (T, H, W, 3) RGB. `sample(num_frames) -> indices` picks frames; for folders
-    only the picked frames are decoded.
+    Returns uint8 (T, H, W, 3) RGB. `sample(num_frames) -> indices` picks frames: only those
+    are read from a folder, and only those are converted to RGB from a video file.
     """
     path = Path(path)
     if not path.exists():
@@ -104,8 +112,7 @@ def read_video(path, sample=None) -> np.ndarray:
         if sample is not None:
             files = [files[i] for i in sample(len(files))]
         return _read_images(files)
-    frames = _read_container(path)
-    return frames if sample is None else frames[np.asarray(sample(len(frames)))]
+    return _read_container(path, sample)
 
 
 def sample_indices(num_frames: int, max_frames=None, stride: int = 1, train: bool = False,
@@ -151,8 +158,8 @@ class ClipAugment:
 _GRAY_WEIGHTS = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 
 
-def _gray(x):  # (T, 3, H, W) -> (T, 1, H, W)
-    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+def _gray(x):  # (T, 3, H, W) -> (T, 1, H, W); one new tensor, the sums in place
+    return (x[:, 0:1] * 0.299).add_(x[:, 1:2], alpha=0.587).add_(x[:, 2:3], alpha=0.114)
 
 
 def _rotated_crop(x, top: int, left: int, size: int, angle: float, flip: bool = False, grid_hw=None):

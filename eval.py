@@ -81,3 +81,125 @@ def score(hyps, refs, level: str = "word") -> dict:
 
 
 # --- CLI
+# Translate one video, or a whole split with beam search and score it:
+#   python eval.py --checkpoint out/vlt --video clip.mp4
+#   python eval.py --checkpoint out/vlt --data DIR --split test [--num_beams=4]
+# --text_only=true: the LLM answers the same prompt with no visual tokens (the language prior);
+# --untrained=true: the same architecture with fresh random weights (a floor for the table).
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from data import (ClipDataset, VideoTransform, build_chat_example, collate_clips, collate_vlt, language_of,
+                  load_rows, read_video, sample_indices)
+from model import LLM, Connector, LLaVASLT, Tokenizer
+from training import cli, parse_config, resolve_device, seed_everything
+from vision import VCPConfig, VCPModel
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = ""             # a LLaVA-SLT folder (train_vlt.py)
+    video: str = ""                  # one mp4 / frame folder: print its translation
+    data: str = ""                   # or a dataset and split: translate, score, write predictions.jsonl
+    split: str = "test"
+    num_beams: int = 4
+    length_penalty: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    num_workers: int = 0
+    text_only: bool = False          # no visual tokens: what the language prior alone gives
+    untrained: bool = False          # random weights of the same architecture
+    predictions: str = ""            # default: <checkpoint>/predictions_<split>.jsonl
+    json: str = ""                   # also write the scores here
+    device: str = "auto"
+    seed: int = 0
+
+
+def load_untrained(folder: str, device) -> LLaVASLT:
+    """The checkpoint's architecture with fresh weights (the tokenizer is kept)."""
+    config = LLaVASLT.read_config(folder)
+    with open(os.path.join(config["llm"], "config.json")) as f:
+        from model import LLMConfig
+        llm = LLM(LLMConfig.from_hf(json.load(f)))
+    with open(os.path.join(config["visual"], "config.json")) as f:
+        visual = VCPModel(dataclasses.replace(VCPConfig.from_dict(json.load(f)), vit_path=""))
+    model = LLaVASLT(llm, Connector(config["visual_dim"], llm.config.hidden_size, config["connector"]), visual,
+                     config["visual_tokens"])
+    model.config = config
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def translate(model: LLaVASLT, tok, system, batch, cfg: EvalConfig, device) -> list:
+    """A collated batch of clips -> the decoded sentences."""
+    if cfg.text_only:
+        B = len(batch["ids"])
+        feats = torch.zeros(B, 0, model.connector_dims()[0], device=device)
+        mask = torch.zeros(B, 0, dtype=torch.bool, device=device)
+    else:
+        feats, mask = model.visual_features(batch["frames"].to(device), batch["frame_mask"].to(device))
+    examples = [build_chat_example(tok, system, int(n)) for n in mask.sum(1).tolist()]
+    prompt = {k: v.to(device) for k, v in collate_vlt(examples, tok.pad_token_id, padding_side="left").items()}
+    new = model.generate(prompt["input_ids"], prompt["attention_mask"], prompt["slot_mask"], feats, mask,
+                         max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
+                         length_penalty=cfg.length_penalty, eos_token_id=tok.eos_token_ids,
+                         pad_token_id=tok.pad_token_id)
+    return [tok.decode(row).strip() for row in new.tolist()]
+
+
+def main(argv):
+    cfg = parse_config(EvalConfig, argv)
+    if not cfg.checkpoint:
+        raise ValueError("--checkpoint is required: a LLaVA-SLT folder written by train_vlt.py")
+    if bool(cfg.video) == bool(cfg.data):
+        raise ValueError("give --video (one clip) or --data with --split (a whole split)")
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    model = (load_untrained(cfg.checkpoint, device) if cfg.untrained
+             else LLaVASLT.load(cfg.checkpoint, VCPModel.load, device=device)).to(device)
+    tok = Tokenizer.from_pretrained(model.config["llm"])
+    system = model.config["system"]
+    vc = model.visual_encoder.cfg
+    transform = VideoTransform(vc.image_size, vc.resize, train=False)
+
+    if cfg.video:
+        frames = transform(read_video(cfg.video, sample=lambda n: sample_indices(n, vc.max_frames, vc.stride)))
+        batch = collate_clips([{"id": cfg.video, "frames": frames, "text": "", "index": 0}])
+        print(translate(model, tok, system, batch, cfg, device)[0])
+        return
+
+    rows = load_rows(cfg.data, cfg.split)
+    language, level = language_of(cfg.data)
+    dataset = ClipDataset(rows, transform, max_frames=vc.max_frames, stride=vc.stride, train=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate_clips,
+                                         num_workers=cfg.num_workers)
+    from tqdm import tqdm
+    hyps, refs, ids = [], [], []
+    for batch in tqdm(loader, desc=f"translating {cfg.split}", total=math.ceil(len(dataset) / cfg.batch_size),
+                      dynamic_ncols=True, disable=None):
+        hyps += translate(model, tok, system, batch, cfg, device)
+        refs += batch["texts"]
+        ids += batch["ids"]
+    scores = score(hyps, refs, level)
+    path = cfg.predictions or os.path.join(cfg.checkpoint, f"predictions_{cfg.split}.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for i, h, r in zip(ids, hyps, refs):
+            f.write(json.dumps({"id": i, "hypothesis": h, "reference": r}, ensure_ascii=False) + "\n")
+    print(f"{cfg.split}: {len(hyps)} clips, {level}-level, references as the dataset gives them")
+    print(" | ".join(f"{k.upper():>6}" for k in scores))
+    print(" | ".join(f"{v:6.2f}" for v in scores.values()))
+    print(f"predictions: {path}")
+    if cfg.json:
+        with open(cfg.json, "w") as f:
+            json.dump(scores, f, indent=2)
+
+
+if __name__ == "__main__":
+    cli(main, sys.argv[1:])

@@ -250,9 +250,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd)
-        # mask None means plain causal attention over this call's tokens (no cache, no padding).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=True)  # (B, H, T, hd)
+        if mask is None:  # plain causal attention over this call's tokens (no cache, no padding)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, hd)
+        else:
+            # On CUDA, a mask together with enable_gqa falls back to the math kernel (which
+            # materialises every attention matrix); repeating the KV heads keeps the fused ones.
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
 
@@ -372,15 +377,18 @@ class LLM(nn.Module):
     @staticmethod
     def _attention_mask(attention_mask, T, past, device):
         """Boolean (B or 1, 1, T, S) mask, True = may attend; None for plain causal attention."""
-        if past == 0 and (attention_mask is None or bool(attention_mask.all())):
-            return None  # lets SDPA use its causal kernels
+        if past == 0 and (attention_mask is None or bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())):
+            # No padding or right padding only (training batches): under a causal mask no real
+            # token can see a pad, so SDPA's causal kernels give the same real-token outputs.
+            return None
         q_pos = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
         k_pos = torch.arange(past + T, device=device)[None, :]        # (1, S)
         mask = (k_pos <= q_pos)[None]                                 # (1, T, S)
         if attention_mask is not None:
             mask = mask & attention_mask.bool()[:, None, :]           # (B, T, S)
             # A padding query sees no real key; letting it see itself keeps SDPA off an all-masked
-            # row (NaN), and NaN in padding rows would leak through 0 * NaN into real rows' values.
+            # row (NaN in some kernels; torch's CPU kernel returns 0), and NaN in padding rows would
+            # leak through 0 * NaN into real rows' values in the next layer.
             mask = mask | (k_pos == q_pos)
         return mask[:, None]  # (B, 1, T, S)
 
@@ -453,8 +461,11 @@ class LLM(nn.Module):
         model.safetensors (or shards of at most max_shard_size bytes + model.safetensors.index.json),
         generation_config.json (and the tokenizer's files when one is given)."""
         from safetensors.torch import save_file
-        os.makedirs(folder, exist_ok=True)
         tensors = {n: p.detach().contiguous() for n, p in self.named_parameters()}  # tied head listed once
+        if any(".lora_A." in n for n in tensors):
+            raise ValueError("save_pretrained: the LLM has LoRA adapters; merge_lora(llm) first for a plain "
+                             "checkpoint, or save the adapters alone with save_lora")
+        os.makedirs(folder, exist_ok=True)
         shards, size = [{}], 0
         for name, t in tensors.items():
             nbytes = t.numel() * t.element_size()
@@ -477,8 +488,9 @@ class LLM(nn.Module):
                 json.dump(index, f, indent=2)
         # Weights of an earlier save into the same folder would shadow or confuse the new ones.
         for old in os.listdir(folder):
-            stale = old.startswith("model") and old.endswith(".safetensors") and old not in names
-            if stale or (old == "model.safetensors.index.json" and len(shards) == 1):
+            weights = old == "model.safetensors" or (old.startswith("model-") and "-of-" in old
+                                                     and old.endswith(".safetensors"))
+            if (weights and old not in names) or (old == "model.safetensors.index.json" and len(shards) == 1):
                 os.remove(os.path.join(folder, old))
         config = self.config.to_hf()
         config["torch_dtype"] = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
@@ -1245,14 +1257,27 @@ class Connector(nn.Module):
 # The visual encoder is passed in (model.py imports nothing of ours).
 
 class LLaVASLT(nn.Module):
-    """Connector + LLM. Prompts hold `slot_mask` positions whose embeddings are replaced
-    by the projected word-level visual tokens (one slot per valid word feature)."""
+    """Connector + LLM (+ the visual encoder when it is tuned too). Prompts hold `slot_mask`
+    positions whose embeddings are replaced by the projected visual tokens, one slot per valid
+    word feature (or a single slot for the sentence-level ablation of Tab. 8)."""
 
-    def __init__(self, llm: nn.Module, connector: Connector, visual_encoder: nn.Module = None):
+    def __init__(self, llm: nn.Module, connector: Connector, visual_encoder: nn.Module = None,
+                 visual_tokens: str = "word"):
         super().__init__()
+        if visual_tokens not in ("word", "sentence"):
+            raise ValueError(f"visual_tokens must be 'word' or 'sentence', got {visual_tokens!r}")
         self.llm = llm
         self.connector = connector
         self.visual_encoder = visual_encoder
+        self.visual_tokens = visual_tokens
+
+    def visual_features(self, frames, frame_mask):
+        """frames (B, T, 3, H, W) -> visual tokens (B, N, D_visual) and their mask (B, N)."""
+        out = self.visual_encoder.encode_video(frames, frame_mask)
+        if self.visual_tokens == "sentence":
+            s = out["sentence_embedding"][:, None]  # (B, 1, D)
+            return s, torch.ones(s.shape[:2], dtype=torch.bool, device=s.device)
+        return out["word_features"], out["word_mask"]
 
     def splice(self, input_ids, slot_mask, word_features, word_mask):
         """Token embeddings with the visual tokens written into the slots.
@@ -1267,7 +1292,11 @@ class LLaVASLT(nn.Module):
             raise ValueError(f"prompt slots {n_slots.tolist()} do not match valid visual tokens {n_valid.tolist()}")
         return embeds.masked_scatter(slot_mask.unsqueeze(-1), visual[word_mask])
 
-    def forward(self, input_ids, attention_mask, slot_mask, word_features, word_mask):
+    def forward(self, input_ids, attention_mask, slot_mask, word_features=None, word_mask=None,
+                frames=None, frame_mask=None):
+        """Logits (B, T, V) from cached visual tokens, or from frames through the visual encoder."""
+        if frames is not None:
+            word_features, word_mask = self.visual_features(frames, frame_mask)
         embeds = self.splice(input_ids, slot_mask, word_features, word_mask)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask)  # (B, T, V)
 
@@ -1276,3 +1305,66 @@ class LLaVASLT(nn.Module):
         """Left-padded prompts ending with the assistant header -> new token ids (B, <=max_new_tokens)."""
         embeds = self.splice(input_ids, slot_mask, word_features, word_mask)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+
+    # A LLaVA-SLT folder: config.json (the LLM and visual-encoder folders it builds on, relative
+    # to itself, and the settings) + connector.safetensors, and after full-tuning llm_adapter/
+    # (LoRA on the LLM) and visual/ (the tuned visual encoder).
+    def save(self, folder: str, llm_folder: str, visual_folder: str, settings: dict, save_visual=None):
+        from safetensors.torch import save_file
+        os.makedirs(folder, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.connector.state_dict().items()},
+                  os.path.join(folder, "connector.safetensors"))
+        if any(isinstance(m, LoRALinear) for m in self.llm.modules()):
+            save_lora(self.llm, os.path.join(folder, "llm_adapter"))
+        if save_visual is not None:
+            save_visual(os.path.join(folder, "visual"))
+        config = {"format": "llava-slt", "llm": os.path.relpath(os.path.abspath(llm_folder), os.path.abspath(folder)),
+                  "visual": os.path.relpath(os.path.abspath(visual_folder), os.path.abspath(folder)),
+                  "connector": self.connector.kind, "visual_dim": self.connector_dims()[0],
+                  "visual_tokens": self.visual_tokens, **settings}
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+
+    def connector_dims(self):
+        first = self.connector.proj[0] if self.connector.kind == "mlp" else self.connector.proj
+        return first.in_features, self.llm.config.hidden_size
+
+    @staticmethod
+    def read_config(folder: str) -> dict:
+        path = os.path.join(folder, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{folder}: no config.json; not a LLaVA-SLT folder (train_vlt.py writes one)")
+        with open(path) as f:
+            config = json.load(f)
+        if config.get("format") != "llava-slt":
+            raise ValueError(f"{path}: not a LLaVA-SLT folder (train_vlt.py writes one with \"format\": \"llava-slt\")")
+        for key in ("llm", "visual"):  # stored relative to the folder, so the tree can move
+            config[key] = os.path.normpath(os.path.join(folder, config[key]))
+        if os.path.isdir(os.path.join(folder, "visual")):
+            config["visual"] = os.path.join(folder, "visual")
+        return config
+
+    @classmethod
+    def load(cls, folder: str, load_visual, dtype=torch.float32, device="cpu") -> "LLaVASLT":
+        """load_visual(folder) -> the visual encoder (vision.VCPModel.load); model.py imports nothing of ours."""
+        from safetensors.torch import load_file
+        config = cls.read_config(folder)
+        llm = LLM.from_pretrained(config["llm"], dtype=dtype, device=device)
+        if os.path.isdir(os.path.join(folder, "llm_adapter")):
+            load_lora(llm, os.path.join(folder, "llm_adapter"))
+        connector = Connector(config["visual_dim"], llm.config.hidden_size, config["connector"])
+        path = os.path.join(folder, "connector.safetensors")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: not found; the folder holds no trained connector")
+        state = load_file(path)
+        own = connector.state_dict()
+        for k in sorted(set(own) ^ set(state)):
+            raise KeyError(f"{path}: {'missing' if k in own else 'unexpected'} {k}")
+        for k, v in state.items():
+            if v.shape != own[k].shape:
+                raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+        connector.load_state_dict(state)
+        model = cls(llm, connector.to(device=device, dtype=dtype), load_visual(config["visual"]),
+                    config["visual_tokens"])
+        model.config = config
+        return model.eval()

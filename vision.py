@@ -691,6 +691,10 @@ class VCPConfig:
     vit: ViTConfig = field(default_factory=ViTConfig)  # DINOv2 ViT-B/14 shape
     vit_path: str = ""  # a DINOv2 folder: its config replaces `vit` and its weights load
     image_size: int = 336  # input frames (paper: 336 px)
+    # how frames are prepared for this encoder (paper section C); VLT and eval read them from here
+    resize: int = 384  # centre square crop resized to this, then cropped to image_size
+    max_frames: int = 256
+    stride: int = 1  # temporal stride before subsampling to max_frames
     vit_tuning: str = "lora"  # lora (paper: base frozen, adapters trained) | full | frozen
     lora_r: int = 8
     lora_alpha: float = 16
@@ -790,16 +794,19 @@ class VCPModel(nn.Module):
         return dict(frame_features=frame_features, word_features=words, word_mask=word_mask,
                     sentence_embedding=sentence, video_emb=self.video_proj(sentence))
 
-    def encode_text(self, text_ids, text_mask):  # (B, L) -> (B, clip_dim)
-        if self.text_encoder is None:
-            raise ValueError("VCPModel has no text encoder; pass one, or load with with_text_encoder=True")
-        with torch.no_grad():
-            s = self.text_encoder.sentence_embedding(text_ids, text_mask)  # (B, text_dim)
-        return self.text_proj(s.to(self.text_proj.weight.dtype))
+    def encode_text(self, text_ids=None, text_mask=None, text_sentence=None):  # -> (B, clip_dim)
+        """Token ids through the frozen text encoder, or its sentence embeddings (B, text_dim)
+        computed beforehand: the teacher is frozen, so the VCP script encodes every sentence once."""
+        if text_sentence is None:
+            if self.text_encoder is None:
+                raise ValueError("VCPModel has no text encoder; pass one, or load with with_text_encoder=True")
+            with torch.no_grad():
+                text_sentence = self.text_encoder.sentence_embedding(text_ids, text_mask)  # (B, text_dim)
+        return self.text_proj(text_sentence.to(self.text_proj.weight.dtype))
 
-    def forward(self, frames, frame_mask, text_ids, text_mask) -> dict:
+    def forward(self, frames, frame_mask, text_ids=None, text_mask=None, text_sentence=None) -> dict:
         out = self.encode_video(frames, frame_mask)
-        out["text_emb"] = self.encode_text(text_ids, text_mask)
+        out["text_emb"] = self.encode_text(text_ids, text_mask, text_sentence)
         # clamped so the multiplier never exceeds logit_scale_max (CLIP: 100)
         out["logit_scale"] = self.logit_scale.clamp(max=math.log(self.cfg.logit_scale_max)).exp()
         return out

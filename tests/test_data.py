@@ -55,6 +55,10 @@ def test_read_mp4_colours(tmp_path):
     assert frames.dtype == np.uint8 and frames.shape == (8, 32, 32, 3)
     # yuv444p round trip: a few levels of colour-space rounding, no smearing
     assert np.abs(frames.astype(int) - clip.astype(int)).max() <= 3
+    picked = read_video(tmp_path / "c.mp4", sample=lambda n: [n - 1, 2, 2])  # only these become RGB
+    assert np.array_equal(picked, frames[[7, 2, 2]])
+    mkv = read_video(write_mp4(tmp_path / "c.mkv", clip))  # any container PyAV reads
+    assert mkv.shape == (8, 32, 32, 3) and np.abs(mkv.astype(int) - clip.astype(int)).max() <= 3
 
 
 def test_read_frame_folder_natural_sort(tmp_path):

@@ -1,0 +1,174 @@
+"""Stage 2, visual contrastive pretraining (paper section 3.2, Eq. 2, Fig. 4).
+
+A DINOv2 ViT (LoRA r=8, alpha=16) turns each frame into a feature; the hierarchical encoder
+turns frame features into word-level features ("visual language", local attention then a
+nearest-neighbour downsample by 4) and those into a sentence embedding (full attention with
+a query token). The sentence embedding is aligned CLIP-style with the frozen mBART encoder's
+embedding of the spoken sentence in a 768-d space, and SignCL regularises the word features:
+
+    L_CL = L_CLIP + lambda * L_SignCL,   lambda = 1e-2
+
+    torchrun --nproc_per_node 8 train_vcp.py --data=PHOENIX-2014-T --vit=dinov2-base \\
+        --text_encoder=mbart-large-cc25 --out=out/vcp
+
+The frozen teacher encodes every training sentence once, before training. The output folder
+(VCPModel.save) holds the visual encoder that VLT uses.
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from data import ClipDataset, VideoTransform, collate_clips, language_of, load_rows
+from losses import clip_loss, signcl_loss
+from model import Tokenizer
+from training import TrainConfig, cli, fit, make_optimizer, parse_config, seed_everything, setup_distributed
+from vision import HierarchicalConfig, TextEncoder, TextEncoderConfig, VCPConfig, VCPModel, ViTConfig
+
+LANG_CODES = {"German": "de_DE", "Chinese": "zh_CN"}  # mBART's language codes
+
+
+@dataclass
+class VCPTrainConfig(TrainConfig):
+    data: str = ""                   # manifest dir / .jsonl, Phoenix-2014T root or CSL-Daily root
+    split: str = "train"
+    out: str = "out/vcp"
+    vit: str = ""                    # DINOv2 folder (paper: dinov2-base); empty: a fresh ViT (vit_* below)
+    text_encoder: str = ""           # mBART folder (paper: mbart-large-cc25)
+    text_from_llm: str = ""          # instead: a 0-layer mBART-shaped mean-pooling encoder on this LLM's embeddings (the demo)
+    # frames (paper section C: centre square crop, resize 384, random crop 336)
+    image_size: int = 336
+    resize: int = 384
+    max_frames: int = 256
+    stride: int = 1                  # temporal stride before subsampling to max_frames
+    color_jitter: float = 0.2
+    rotation: float = 5.0
+    flip: float = 0.5
+    # model (defaults: the paper)
+    frame_pool: str = "cls"          # cls (paper, pretrained DINOv2) | flat (tiny from-scratch ViTs, see README)
+    vit_tuning: str = "lora"         # lora | full | frozen
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    vit_dim: int = 768               # a fresh ViT's shape (ignored with --vit)
+    vit_layers: int = 12
+    vit_heads: int = 12
+    patch_size: int = 14
+    dim: int = 768                   # hierarchical encoder width
+    heads: int = 12
+    local_layers: int = 4
+    window: int = 16
+    step: int = 4
+    full_layers: int = 8
+    dropout: float = 0.1
+    clip_dim: int = 768
+    logit_scale_init: float = 1 / 0.07
+    signcl_weight: float = 1e-2
+    grad_checkpointing: bool = False
+    # optimisation (paper: 200 epochs, batch 128, AdamW wd 1e-5, max lr 2e-4, one-cycle cosine)
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 2e-4
+    weight_decay: float = 1e-5
+
+
+def text_encoder_from_llm(folder: str) -> TextEncoder:
+    """A teacher for from-scratch demos: the trained LLM's token embeddings, mean-pooled.
+
+    Sentences sharing words land close together, which a random frozen encoder does not give.
+    It is an mBART-format encoder with no layers, so the rest of the pipeline is unchanged.
+    """
+    from safetensors import safe_open
+    tok = Tokenizer.from_pretrained(folder)
+    backend = tok.backend
+    backend.add_special_tokens(["</s>", *LANG_CODES.values()])
+    path = os.path.join(folder, "model.safetensors")
+    with safe_open(path, framework="pt") as f:
+        embed = f.get_tensor("model.embed_tokens.weight").float()  # (V, D)
+    cfg = TextEncoderConfig(vocab_size=backend.get_vocab_size(with_added_tokens=True), d_model=embed.shape[1],
+                            encoder_layers=0, encoder_attention_heads=1, encoder_ffn_dim=embed.shape[1],
+                            max_position_embeddings=512, scale_embedding=False, pad_token_id=tok.pad_token_id,
+                            pool="mean")
+    enc = TextEncoder(cfg, backend, path="")
+    with torch.no_grad():
+        enc.embed_tokens.weight[:embed.shape[0]] = embed
+        enc.embed_positions.weight.zero_()  # a bag of words: order is what the video must supply
+    return enc.requires_grad_(False).eval()
+
+
+def build_model(cfg: VCPTrainConfig, text_encoder) -> VCPModel:
+    vit = ViTConfig(hidden_size=cfg.vit_dim, num_hidden_layers=cfg.vit_layers, num_attention_heads=cfg.vit_heads,
+                    patch_size=cfg.patch_size, image_size=cfg.image_size)
+    hier = HierarchicalConfig(dim=cfg.dim, heads=cfg.heads, local_layers=cfg.local_layers, window=cfg.window,
+                              step=cfg.step, full_layers=cfg.full_layers, dropout=cfg.dropout)
+    model_cfg = VCPConfig(vit=vit, vit_path=cfg.vit, image_size=cfg.image_size, resize=cfg.resize,
+                          max_frames=cfg.max_frames, stride=cfg.stride, vit_tuning=cfg.vit_tuning,
+                          lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, frame_pool=cfg.frame_pool,
+                          grad_checkpointing=cfg.grad_checkpointing, hier=hier, clip_dim=cfg.clip_dim,
+                          logit_scale_init=cfg.logit_scale_init)
+    return VCPModel(model_cfg, text_encoder)
+
+
+@torch.no_grad()
+def encode_sentences(text_encoder, texts, lang, device, batch_size=64):
+    """The frozen teacher's sentence embedding of every text, once: (N, text_dim) fp32."""
+    text_encoder.to(device)
+    out = []
+    for i in range(0, len(texts), batch_size):
+        ids, mask = text_encoder.tokenize(texts[i:i + batch_size], lang=lang)
+        out.append(text_encoder.sentence_embedding(ids.to(device), mask.to(device)).float())
+    return torch.cat(out)
+
+
+def main(argv):
+    cfg = parse_config(VCPTrainConfig, argv)
+    if not cfg.data:
+        raise ValueError("--data is required: a manifest folder, a Phoenix-2014T root or a CSL-Daily root")
+    if bool(cfg.text_encoder) == bool(cfg.text_from_llm):
+        raise ValueError("give exactly one of --text_encoder (an mBART folder) and --text_from_llm (an LLM folder)")
+    dist = setup_distributed(cfg.device)
+    seed_everything(cfg.seed)  # the same initial weights on every rank
+
+    rows = load_rows(cfg.data, cfg.split)
+    language, _ = language_of(cfg.data)
+    transform = VideoTransform(size=cfg.image_size, resize=cfg.resize, train=True, color_jitter=cfg.color_jitter,
+                               rotation=cfg.rotation, flip_p=cfg.flip)
+    dataset = ClipDataset(rows, transform, max_frames=cfg.max_frames, stride=cfg.stride, train=True, seed=cfg.seed)
+
+    if cfg.text_encoder:
+        text_encoder = TextEncoder.from_pretrained(cfg.text_encoder).requires_grad_(False)
+    else:
+        text_encoder = text_encoder_from_llm(cfg.text_from_llm)
+    texts = [r["text"] for r in rows]
+    text_sentence = encode_sentences(text_encoder, texts, LANG_CODES.get(language, "de_DE"), dist.device)
+    text_words = torch.tensor([len(t.split()) if language != "Chinese" else len(t) for t in texts])
+    model = build_model(cfg, text_encoder)
+    if cfg.text_from_llm:  # keep the teacher beside the visual encoder, a real mBART-format folder
+        text_encoder.path = os.path.join(os.path.abspath(cfg.out), "text_encoder")
+        model.cfg.text_encoder_path = text_encoder.path
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dist.log(f"{len(rows)} clips ({language}); VCP model {n_train / 1e6:.2f}M trainable parameters")
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+
+    def train_step(model, batch):
+        out = model(batch["frames"], batch["frame_mask"], text_sentence=text_sentence[batch["index"]])
+        clip = clip_loss(out["video_emb"], out["text_emb"], out["logit_scale"])  # over the global batch
+        signcl = signcl_loss(out["word_features"], out["word_mask"], text_words[batch["index"]].to(dist.device))
+        # CLIP is already the global mean; SignCL is this rank's mean, so it enters / world_size
+        loss = clip + cfg.signcl_weight * signcl / dist.world_size
+        return loss, None, {"clip": clip.detach(), "signcl": signcl.detach()}
+
+    def save(folder):
+        model.save(folder)
+        if cfg.text_from_llm:
+            text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
+
+    # drop_last: the CLIP loss needs the same batch on every rank, and a batch of one pair learns nothing
+    fit(model, train_step, dataset, optimizer, cfg, dist, collate_fn=collate_clips, save_fn=save,
+        unit="clips", drop_last=True)
+    dist.log(f"saved {cfg.out}")
+
+
+if __name__ == "__main__":
+    cli(main, sys.argv[1:])

@@ -1,0 +1,248 @@
+"""Stage 3, visual language tuning (paper section 3.3, Tab. 8, Tab. F/G).
+
+The LLM (from CPT) and the visual encoder (from VCP) are frozen; a 2-layer MLP connector maps
+the word-level visual tokens into the LLM's embedding space, where they fill the user turn of
+a chat prompt whose system turn carries the task and format prompts. The loss is the LM loss
+on the response only. Since both encoders are frozen, the word features are computed once
+and cached on disk. An optional second pass (`--full_tune=true`, lr 1e-5) unfreezes the
+visual encoder and puts LoRA on the LLM; it reads the videos again (no cache).
+
+    torchrun --nproc_per_node 8 train_vlt.py --data=CSL-Daily --cpt=out/cpt --vcp=out/vcp --out=out/vlt
+    torchrun --nproc_per_node 8 train_vlt.py --data=CSL-Daily --init=out/vlt --full_tune=true --out=out/vlt_full
+
+Ablations (Tab. 8): --connector=linear, --visual_tokens=sentence, --prompt=no_format|none.
+"""
+
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from data import (ClipDataset, VideoTransform, build_chat_example, collate_clips, collate_vlt, language_of,
+                  load_rows, system_prompt)
+from losses import lm_loss
+from model import LLM, Connector, LLaVASLT, Tokenizer, apply_lora
+from training import TrainConfig, cli, fit, make_optimizer, parse_config, seed_everything, setup_distributed
+from vision import VCPModel
+
+
+@dataclass
+class VLTConfig(TrainConfig):
+    data: str = ""                   # manifest dir / .jsonl, Phoenix-2014T root or CSL-Daily root
+    split: str = "train"
+    out: str = "out/vlt"
+    cpt: str = ""                    # the LLM folder (stage 1, or a Hugging Face Instruct model)
+    vcp: str = ""                    # the visual encoder folder (stage 2)
+    init: str = ""                   # a LLaVA-SLT folder to continue from (its cpt/vcp/connector)
+    connector: str = "mlp"           # mlp (paper) | linear (Tab. 8 row 2)
+    visual_tokens: str = "word"      # word (paper) | sentence (Tab. 8 row 1)
+    prompt: str = "full"             # full (task + format prompt) | no_format | none (Tab. 8 rows 3, 4)
+    cache: str = ""                  # word-feature cache folder; default: beside --out, "<out>_cache"
+    full_tune: bool = False          # unfreeze the visual encoder, LoRA on the LLM (paper: lr 1e-5)
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    augment: bool = True             # frame augmentation during full-tuning
+    dtype: str = "float32"           # LLM weights (bfloat16 for 7B+ on GPU)
+    # optimisation (paper: batch 64, AdamW wd 1e-3, max lr 1e-3, one-cycle cosine)
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+
+
+def prompt_system(cfg: VLTConfig, language: str) -> str:
+    if cfg.prompt not in ("full", "no_format", "none"):
+        raise ValueError(f"--prompt={cfg.prompt}: expected full, no_format or none")
+    return system_prompt(language, task=cfg.prompt != "none", format=cfg.prompt == "full")
+
+
+# ----------------------------------------------------------------------------- the word-feature cache
+# The frozen visual encoder sees every clip once (eval transform); its features are stored
+# per clip id with a fingerprint of what made them, and rebuilt when that changes.
+
+def fingerprint(vcp_folder: str, rows, visual_tokens: str) -> str:
+    h = hashlib.sha256()
+    with open(os.path.join(vcp_folder, "model.safetensors"), "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    with open(os.path.join(vcp_folder, "config.json"), "rb") as f:
+        h.update(f.read())  # holds the frame preprocessing (size, resize, max_frames, stride)
+    h.update(visual_tokens.encode())
+    h.update(json.dumps([(r["id"], str(r["video"])) for r in rows]).encode())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def build_cache(path, model: LLaVASLT, rows, dist, batch_size, num_workers, key):
+    """{clip id: (N, D) visual tokens} in one safetensors file; rank 0 writes, the others wait."""
+    from safetensors.torch import load_file, safe_open, save_file
+    if os.path.isfile(path):
+        with safe_open(path, framework="pt") as f:
+            if (f.metadata() or {}).get("fingerprint") == key:
+                dist.log(f"word features: using the cache {path}")
+                return load_file(path)
+        dist.log(f"word features: {path} was made by another encoder or data; rebuilding it")
+    if dist.is_main:
+        vcp = model.visual_encoder
+        cfg = vcp.cfg
+        dataset = ClipDataset(rows, VideoTransform(cfg.image_size, cfg.resize, train=False),
+                              max_frames=cfg.max_frames, stride=cfg.stride, train=False)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_clips,
+                                             num_workers=num_workers)
+        was_training = vcp.training
+        vcp.eval()
+        features = {}
+        from tqdm import tqdm
+        for batch in tqdm(loader, desc="caching word features", dynamic_ncols=True):
+            feats, mask = model.visual_features(batch["frames"].to(dist.device), batch["frame_mask"].to(dist.device))
+            for clip_id, f, m in zip(batch["ids"], feats.float().cpu(), mask.cpu()):
+                features[clip_id] = f[m].contiguous()  # (N_valid, D)
+        vcp.train(was_training)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file(features, tmp, metadata={"fingerprint": key})
+        os.replace(tmp, path)  # atomic: a half-written cache is never read
+    dist.barrier()
+    return load_file(path)
+
+
+class CachedVLTDataset(torch.utils.data.Dataset):
+    """Cached visual tokens + the chat example with one slot per token and the answer."""
+
+    def __init__(self, rows, features, tok, system):
+        self.rows, self.features, self.tok, self.system = rows, features, tok, system
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        feats = self.features[row["id"]]
+        return {"word_features": feats, **build_chat_example(self.tok, self.system, len(feats), answer=row["text"])}
+
+
+class VideoVLTDataset(torch.utils.data.Dataset):
+    """Frames (for full-tuning) + the chat example; the slot count follows from the frame count."""
+
+    def __init__(self, clips: ClipDataset, tok, system, n_tokens):
+        self.clips, self.tok, self.system, self.n_tokens = clips, tok, system, n_tokens
+
+    def set_epoch(self, epoch):
+        self.clips.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, i):
+        clip = self.clips[i]
+        n = self.n_tokens(clip["frames"].shape[0])
+        return {**clip, **build_chat_example(self.tok, self.system, n, answer=clip["text"])}
+
+
+def collate_cached(items, pad_id):
+    batch = collate_vlt(items, pad_id)
+    n = torch.tensor([len(it["word_features"]) for it in items])
+    feats = torch.zeros(len(items), int(n.max()), items[0]["word_features"].shape[-1])
+    for i, it in enumerate(items):
+        feats[i, :n[i]] = it["word_features"]
+    batch["word_features"] = feats  # (B, N, D)
+    batch["word_mask"] = torch.arange(feats.shape[1])[None] < n[:, None]  # (B, N)
+    return batch
+
+
+def collate_video(items, pad_id):
+    return {**collate_vlt(items, pad_id), **collate_clips(items)}
+
+
+def main(argv):
+    cfg = parse_config(VLTConfig, argv)
+    if not cfg.data:
+        raise ValueError("--data is required: a manifest folder, a Phoenix-2014T root or a CSL-Daily root")
+    if cfg.visual_tokens not in ("word", "sentence"):
+        raise ValueError(f"--visual_tokens={cfg.visual_tokens}: expected word or sentence")
+    dist = setup_distributed(cfg.device)
+    seed_everything(cfg.seed)
+    rows = load_rows(cfg.data, cfg.split)
+    language, _ = language_of(cfg.data)
+    system = prompt_system(cfg, language)
+    dtype = getattr(torch, cfg.dtype)
+
+    # the model: a previous LLaVA-SLT folder, or the CPT LLM + the VCP encoder + a fresh connector
+    if cfg.init:
+        model = LLaVASLT.load(cfg.init, VCPModel.load, dtype=dtype)
+        cpt, vcp = model.config["llm"], model.config["visual"]
+        if model.visual_tokens != cfg.visual_tokens:
+            raise ValueError(f"--visual_tokens={cfg.visual_tokens} but {cfg.init} was trained with {model.visual_tokens}")
+    else:
+        if not cfg.cpt or not cfg.vcp:
+            raise ValueError("give --cpt (an LLM folder) and --vcp (a visual encoder folder), or --init")
+        cpt, vcp = cfg.cpt, cfg.vcp
+        llm = LLM.from_pretrained(cpt, dtype=dtype)
+        visual = VCPModel.load(vcp)
+        visual_dim = visual.cfg.hier.dim
+        model = LLaVASLT(llm, Connector(visual_dim, llm.config.hidden_size, cfg.connector).to(dtype), visual,
+                         cfg.visual_tokens)
+    tok = Tokenizer.from_pretrained(cpt)
+    tok.check_fits(model.llm.config.vocab_size, cpt)
+    model.requires_grad_(False)
+    model.connector.requires_grad_(True)
+    if cfg.full_tune:
+        # section 3.3: "we unfreeze the visual encoder and LLM (LoRA if used)"; the CLIP heads
+        # (video/text projections, logit scale) are not on this path and stay frozen
+        apply_lora(model.llm, tuple(cfg.lora_targets.split(",")), cfg.lora_r, cfg.lora_alpha)
+        for name, p in model.visual_encoder.named_parameters():
+            p.requires_grad_(name.startswith(("hier.", "frame_proj.")) or ".lora_" in name
+                             or (model.visual_encoder.cfg.vit_tuning == "full" and name.startswith("vit.")
+                                 and "mask_token" not in name))
+
+    # the data: cached visual tokens (frozen encoder), or frames (full-tuning)
+    if cfg.full_tune:
+        vc = model.visual_encoder.cfg
+        transform = VideoTransform(vc.image_size, vc.resize, train=cfg.augment)
+        clips = ClipDataset(rows, transform, max_frames=vc.max_frames, stride=vc.stride, train=True, seed=cfg.seed)
+        step = vc.hier.step
+        n_tokens = (lambda T: 1) if cfg.visual_tokens == "sentence" else (lambda T: math.ceil(T / step))
+        dataset = VideoVLTDataset(clips, tok, system, n_tokens)
+        collate = lambda items: collate_video(items, tok.pad_token_id)  # noqa: E731
+    else:
+        model.visual_encoder.to(dist.device)
+        cache_dir = cfg.cache or os.path.normpath(cfg.out) + "_cache"
+        path = os.path.join(cache_dir, f"{cfg.split}-{cfg.visual_tokens}.safetensors")
+        features = build_cache(path, model, rows, dist, cfg.batch_size, cfg.num_workers,
+                               fingerprint(vcp, rows, cfg.visual_tokens))
+        dataset = CachedVLTDataset(rows, features, tok, system)
+        collate = lambda items: collate_cached(items, tok.pad_token_id)  # noqa: E731
+        model.visual_encoder = None  # not needed while training on the cache; saved by path
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dist.log(f"{len(rows)} clips ({language}); {n_train / 1e6:.3f}M trainable parameters"
+             f"{' (full-tune)' if cfg.full_tune else ' (connector)'}")
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+
+    def train_step(model, batch):
+        if cfg.full_tune:
+            logits = model(batch["input_ids"], batch["attention_mask"], batch["slot_mask"],
+                           frames=batch["frames"], frame_mask=batch["frame_mask"])
+        else:
+            logits = model(batch["input_ids"], batch["attention_mask"], batch["slot_mask"],
+                           batch["word_features"], batch["word_mask"])
+        loss, n = lm_loss(logits, batch["labels"])  # the response (and its end-of-turn token) only
+        return loss * n, n
+
+    settings = {"language": language, "prompt": cfg.prompt, "system": system}
+    inner = model
+
+    def save(folder):
+        inner.save(folder, cpt, vcp, settings,
+                   save_visual=inner.visual_encoder.save if cfg.full_tune else None)
+
+    fit(model, train_step, dataset, optimizer, cfg, dist, collate_fn=collate, save_fn=save, unit="tokens")
+    dist.log(f"saved {cfg.out}")
+
+
+if __name__ == "__main__":
+    cli(main, sys.argv[1:])
