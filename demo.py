@@ -73,14 +73,14 @@ def main(argv):
     if not done(cpt):
         seconds["cpt"] = run("stage 1 CPT", [
             "train_cpt.py", f"--corpus={data}/corpus.jsonl", f"--out={cpt}", "--hidden_size=128", "--num_layers=3",
-            "--num_heads=4", "--num_kv_heads=2", "--intermediate_size=512", "--gloss_repeat=2",
+            "--num_heads=4", "--num_kv_heads=2", "--intermediate_size=512", "--gloss_repeat=2", "--block_size=64",
             f"--max_steps={cfg.cpt_steps}", "--batch_size=64", "--lr=3e-3", "--weight_decay=0.0", "--log_every=50",
             f"--seed={cfg.seed}", limit], logs)
     # Stage 2: a tiny ViT on 32 px frames ("flat" frame pooling: see README), 1 local + 1 full layer
     if not done(vcp):
         seconds["vcp"] = run("stage 2 VCP", [
             "train_vcp.py", f"--data={data}", f"--text_from_llm={cpt}", f"--out={vcp}", "--image_size=32",
-            "--resize=32", "--stride=2", "--max_frames=64", "--flip=0", "--rotation=0", "--color_jitter=0.1",
+            "--resize=32", "--stride=2", "--max_frames=64", "--cache_videos=true", "--flip=0", "--rotation=0", "--color_jitter=0.1",
             "--frame_pool=flat", "--vit_tuning=full", "--vit_dim=64", "--vit_layers=2", "--vit_heads=4",
             "--patch_size=8", "--dim=128", "--heads=4", "--local_layers=1", "--window=3", "--full_layers=1",
             "--dropout=0.0", "--clip_dim=128", "--logit_scale_init=30", f"--max_steps={cfg.vcp_steps}",
@@ -95,7 +95,7 @@ def main(argv):
     if not done(full):
         seconds["full_tune"] = run("stage 3 VLT full-tune", [
             "train_vlt.py", f"--data={data}", f"--init={vlt}", "--full_tune=true", "--lora_r=8", "--lora_alpha=16",
-            "--augment=false", f"--out={full}", f"--max_steps={cfg.full_tune_steps}", "--batch_size=32",
+            "--augment=false", "--cache_videos=true", f"--out={full}", f"--max_steps={cfg.full_tune_steps}", "--batch_size=32",
             "--lr=3e-4", "--log_every=50", f"--seed={cfg.seed}", limit], logs)
 
     results = {}

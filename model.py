@@ -461,10 +461,7 @@ class LLM(nn.Module):
         model.safetensors (or shards of at most max_shard_size bytes + model.safetensors.index.json),
         generation_config.json (and the tokenizer's files when one is given)."""
         from safetensors.torch import save_file
-        tensors = {n: p.detach().contiguous() for n, p in self.named_parameters()}  # tied head listed once
-        if any(".lora_A." in n for n in tensors):
-            raise ValueError("save_pretrained: the LLM has LoRA adapters; merge_lora(llm) first for a plain "
-                             "checkpoint, or save the adapters alone with save_lora")
+        tensors = merged_parameters(self)  # tied head listed once; LoRA folded in, the model unchanged
         os.makedirs(folder, exist_ok=True)
         shards, size = [{}], 0
         for name, t in tensors.items():
@@ -754,6 +751,26 @@ def merge_lora(module: nn.Module) -> nn.Module:
             if isinstance(child, LoRALinear):
                 setattr(parent, child_name, child.merged())
     return module
+
+
+@torch.no_grad()
+def merged_parameters(module: nn.Module) -> dict:
+    """{name: tensor} of the module's parameters with every LoRALinear folded into its weight
+    (W + B A * alpha / r) under the base names, adapters left out; the module is unchanged,
+    so a training run can save a plain checkpoint and go on."""
+    lora = {n: m for n, m in module.named_modules() if isinstance(m, LoRALinear)}
+    out = {}
+    for name, p in module.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        if ".lora_A." in name or ".lora_B." in name:
+            continue
+        if owner in lora and leaf == "weight":
+            m = lora[owner]
+            delta = (m.lora_B.weight.float() @ m.lora_A.weight.float()) * m.scale
+            out[name] = (p.float() + delta).to(p.dtype)
+        else:
+            out[name] = p.detach().contiguous()
+    return out
 
 
 def lora_parameters(module: nn.Module) -> dict:

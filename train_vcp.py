@@ -43,6 +43,7 @@ class VCPTrainConfig(TrainConfig):
     resize: int = 384
     max_frames: int = 256
     stride: int = 1                  # temporal stride before subsampling to max_frames
+    cache_videos: bool = False       # keep decoded clips in memory (small datasets, num_workers=0)
     color_jitter: float = 0.2
     rotation: float = 5.0
     flip: float = 0.5
@@ -134,7 +135,8 @@ def main(argv):
     language, _ = language_of(cfg.data)
     transform = VideoTransform(size=cfg.image_size, resize=cfg.resize, train=True, color_jitter=cfg.color_jitter,
                                rotation=cfg.rotation, flip_p=cfg.flip)
-    dataset = ClipDataset(rows, transform, max_frames=cfg.max_frames, stride=cfg.stride, train=True, seed=cfg.seed)
+    dataset = ClipDataset(rows, transform, max_frames=cfg.max_frames, stride=cfg.stride, train=True, seed=cfg.seed,
+                          cache_videos=cfg.cache_videos)
 
     if cfg.text_encoder:
         text_encoder = TextEncoder.from_pretrained(cfg.text_encoder).requires_grad_(False)

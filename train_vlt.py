@@ -47,6 +47,7 @@ class VLTConfig(TrainConfig):
     lora_alpha: float = 32.0
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     augment: bool = True             # frame augmentation during full-tuning
+    cache_videos: bool = False       # full-tuning: keep decoded clips in memory (small datasets)
     dtype: str = "float32"           # LLM weights (bfloat16 for 7B+ on GPU)
     # optimisation (paper: batch 64, AdamW wd 1e-3, max lr 1e-3, one-cycle cosine)
     epochs: int = 10
@@ -204,7 +205,8 @@ def main(argv):
     if cfg.full_tune:
         vc = model.visual_encoder.cfg
         transform = VideoTransform(vc.image_size, vc.resize, train=cfg.augment)
-        clips = ClipDataset(rows, transform, max_frames=vc.max_frames, stride=vc.stride, train=True, seed=cfg.seed)
+        clips = ClipDataset(rows, transform, max_frames=vc.max_frames, stride=vc.stride, train=True, seed=cfg.seed,
+                            cache_videos=cfg.cache_videos)
         step = vc.hier.step
         n_tokens = (lambda T: 1) if cfg.visual_tokens == "sentence" else (lambda T: math.ceil(T / step))
         dataset = VideoVLTDataset(clips, tok, system, n_tokens)

@@ -237,17 +237,26 @@ def test_save_loads_in_transformers(tmp_path, kw):
                            again.generate(prompt, max_new_tokens=8, eos_token_id=eos))
 
 
-def test_save_over_an_earlier_save_and_refuse_lora(tmp_path):
+def test_save_over_an_earlier_save_and_merge_lora(tmp_path):
     from model import apply_lora
     llm = _randomise(LLM(_tiny_config()))
     llm.save_pretrained(str(tmp_path), max_shard_size=20_000)
     llm.save_pretrained(str(tmp_path))  # the old shards and index must not shadow the new file
     assert sorted(f for f in os.listdir(tmp_path) if f.startswith("model")) == ["model.safetensors"]
     ids = torch.arange(10)[None]
-    assert torch.equal(LLM.from_pretrained(str(tmp_path))(ids), llm(ids))
-    apply_lora(llm, ("q_proj",), r=2)
-    with pytest.raises(ValueError, match="merge_lora"):
-        llm.save_pretrained(str(tmp_path))
+    base = llm(ids)
+    assert torch.equal(LLM.from_pretrained(str(tmp_path))(ids), base)
+    apply_lora(llm, ("q_proj", "v_proj"), r=2)
+    for n, p in llm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    llm.save_pretrained(str(tmp_path))  # LoRA folded in; the model keeps its adapters
+    assert any("lora_A" in n for n, _ in llm.named_parameters())
+    merged = LLM.from_pretrained(str(tmp_path))
+    torch.testing.assert_close(merged(ids), llm(ids), atol=1e-4, rtol=0)
+    assert (merged(ids) - base).abs().max() > 1e-2  # the adapters did change the model
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    torch.testing.assert_close(hf(ids).logits, llm(ids), atol=1e-4, rtol=0)
 
 
 @torch.no_grad()
