@@ -471,3 +471,61 @@ def test_connector_mlp_and_linear():
     _torch.testing.assert_close(lin(x), x @ lin.proj.weight.T + lin.proj.bias)
     with _pytest.raises(ValueError, match="'mlp' or 'linear'"):
         Connector(8, 16, "qformer")
+
+
+# ============================================================================ LLaVASLT
+
+def _llava(visual_dim=6):
+    from model import LLM, LLaVASLT, LLMConfig
+    _torch.manual_seed(0)
+    cfg = LLMConfig(model_type="qwen2", vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                    tie_word_embeddings=True, eos_token_id=[2], bos_token_id=None, dtype="float32")
+    return LLaVASLT(LLM(cfg), Connector(visual_dim, 16))
+
+
+def test_llava_splice_puts_visual_tokens_in_the_slots_in_order():
+    m = _llava()
+    ids = _torch.tensor([[5, 1, 1, 1, 7, 8], [5, 1, 1, 7, 8, 0]])
+    slots = ids == 1
+    feats = _torch.randn(2, 3, 6)
+    mask = _torch.tensor([[True, True, True], [True, True, False]])
+    embeds = m.splice(ids, slots, feats, mask)
+    projected = m.connector(feats)
+    _torch.testing.assert_close(embeds[0, 1:4], projected[0])
+    _torch.testing.assert_close(embeds[1, 1:3], projected[1, :2])
+    _torch.testing.assert_close(embeds[0, 4:], m.llm.embed(ids)[0, 4:])  # text positions untouched
+    with _pytest.raises(ValueError, match="do not match"):
+        m.splice(ids, slots, feats, _torch.ones(2, 3, dtype=_torch.bool))
+
+
+def test_llava_forward_and_generate_from_embeddings_agree():
+    m = _llava().eval()
+    ids = _torch.tensor([[5, 1, 1, 7, 8]])
+    feats, mask = _torch.randn(1, 2, 6), _torch.ones(1, 2, dtype=_torch.bool)
+    am = _torch.ones_like(ids)
+    logits = m(ids, am, ids == 1, feats, mask)
+    new = m.generate(ids, am, ids == 1, feats, mask, max_new_tokens=1, eos_token_id=[39])
+    assert new[0, 0].item() == logits[0, -1].argmax().item()  # greedy's first token is the forward's argmax
+
+
+def test_llava_save_load_round_trip_and_foreign_folder(tmp_path):
+    from model import LLaVASLT
+    m = _llava()
+    llm_dir = tmp_path / "llm"
+    m.llm.save_pretrained(str(llm_dir))
+    for p in m.connector.parameters():
+        _torch.nn.init.normal_(p, std=0.5)
+    apply_lora(m.llm, ("q_proj",), r=2)
+    _torch.nn.init.normal_(m.llm.model.layers[0].self_attn.q_proj.lora_B.weight, std=0.5)
+    m.save(str(tmp_path / "vlt"), str(llm_dir), str(tmp_path / "visual"), {"system": "s", "language": "German"})
+    loaded = LLaVASLT.load(str(tmp_path / "vlt"), load_visual=lambda folder: None)
+    assert loaded.config["system"] == "s" and loaded.config["llm"] == str(llm_dir)
+    ids = _torch.tensor([[5, 1, 1, 7, 8]])
+    feats, mask = _torch.randn(1, 2, 6), _torch.ones(1, 2, dtype=_torch.bool)
+    am = _torch.ones_like(ids)
+    _torch.testing.assert_close(loaded(ids, am, ids == 1, feats, mask), m.eval()(ids, am, ids == 1, feats, mask))
+    with _pytest.raises(ValueError, match="not a LLaVA-SLT folder"):
+        LLaVASLT.load(str(llm_dir), load_visual=lambda folder: None)
+    with _pytest.raises(FileNotFoundError, match="no config.json"):
+        LLaVASLT.load(str(tmp_path), load_visual=lambda folder: None)
