@@ -67,6 +67,7 @@ class VCPTrainConfig(TrainConfig):
     logit_scale_init: float = 1 / 0.07
     signcl_weight: float = 1e-2
     grad_checkpointing: bool = False
+    vit_chunk_size: int = 64         # frames per ViT call (bounds memory; raise it for tiny frames)
     # optimisation (paper: 200 epochs, batch 128, AdamW wd 1e-5, max lr 2e-4, one-cycle cosine)
     epochs: int = 200
     batch_size: int = 128
@@ -106,7 +107,8 @@ def build_model(cfg: VCPTrainConfig, text_encoder) -> VCPModel:
     model_cfg = VCPConfig(vit=vit, vit_path=cfg.vit, image_size=cfg.image_size, resize=cfg.resize,
                           max_frames=cfg.max_frames, stride=cfg.stride, vit_tuning=cfg.vit_tuning,
                           lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, frame_pool=cfg.frame_pool,
-                          grad_checkpointing=cfg.grad_checkpointing, hier=hier, clip_dim=cfg.clip_dim,
+                          grad_checkpointing=cfg.grad_checkpointing, vit_chunk_size=cfg.vit_chunk_size,
+                          hier=hier, clip_dim=cfg.clip_dim,
                           logit_scale_init=cfg.logit_scale_init)
     return VCPModel(model_cfg, text_encoder)
 
@@ -146,9 +148,10 @@ def main(argv):
     text_sentence = encode_sentences(text_encoder, texts, LANG_CODES.get(language, "de_DE"), dist.device)
     text_words = torch.tensor([len(t.split()) if language != "Chinese" else len(t) for t in texts])
     model = build_model(cfg, text_encoder)
-    if cfg.text_from_llm:  # keep the teacher beside the visual encoder, a real mBART-format folder
-        text_encoder.path = os.path.join(os.path.abspath(cfg.out), "text_encoder")
-        model.cfg.text_encoder_path = text_encoder.path
+    # the teacher's folder, relative to the output folder so the tree can move; a teacher made
+    # from the LLM is written beside the visual encoder as a real mBART-format folder
+    teacher = os.path.join(cfg.out, "text_encoder") if cfg.text_from_llm else cfg.text_encoder
+    model.cfg.text_encoder_path = os.path.relpath(os.path.abspath(teacher), os.path.abspath(cfg.out))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dist.log(f"{len(rows)} clips ({language}); VCP model {n_train / 1e6:.2f}M trainable parameters")
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -157,8 +160,11 @@ def main(argv):
         out = model(batch["frames"], batch["frame_mask"], text_sentence=text_sentence[batch["index"]])
         clip = clip_loss(out["video_emb"], out["text_emb"], out["logit_scale"])  # over the global batch
         signcl = signcl_loss(out["word_features"], out["word_mask"], text_words[batch["index"]].to(dist.device))
-        # CLIP is already the global mean; SignCL is this rank's mean, so it enters / world_size
-        loss = clip + cfg.signcl_weight * signcl / dist.world_size
+        # CLIP is already the global mean; SignCL is this rank's mean, so its gradient enters
+        # / world_size; the rest of it is added detached, so that the logged loss (the mean over
+        # ranks) is the objective, the same number as on one process
+        signcl_term = cfg.signcl_weight * signcl
+        loss = clip + signcl_term / dist.world_size + (signcl_term - signcl_term / dist.world_size).detach()
         return loss, None, {"clip": clip.detach(), "signcl": signcl.detach()}
 
     def save(folder):

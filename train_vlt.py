@@ -82,13 +82,13 @@ def fingerprint(vcp_folder: str, rows, visual_tokens: str) -> str:
 def build_cache(path, model: LLaVASLT, rows, dist, batch_size, num_workers, key):
     """{clip id: (N, D) visual tokens} in one safetensors file; rank 0 writes, the others wait."""
     from safetensors.torch import load_file, safe_open, save_file
-    if os.path.isfile(path):
+    fresh = False
+    if dist.is_main and os.path.isfile(path):  # rank 0 decides: every rank meets in the barrier below
         with safe_open(path, framework="pt") as f:
-            if (f.metadata() or {}).get("fingerprint") == key:
-                dist.log(f"word features: using the cache {path}")
-                return load_file(path)
-        dist.log(f"word features: {path} was made by another encoder or data; rebuilding it")
-    if dist.is_main:
+            fresh = (f.metadata() or {}).get("fingerprint") == key
+        dist.log(f"word features: using the cache {path}" if fresh
+                 else f"word features: {path} was made by another encoder or data; rebuilding it")
+    if dist.is_main and not fresh:
         vcp = model.visual_encoder
         cfg = vcp.cfg
         dataset = ClipDataset(rows, VideoTransform(cfg.image_size, cfg.resize, train=False),
@@ -195,9 +195,12 @@ def main(argv):
     if cfg.full_tune:
         # section 3.3: "we unfreeze the visual encoder and LLM (LoRA if used)"; the CLIP heads
         # (video/text projections, logit scale) are not on this path and stay frozen
+        # word tokens leave the hierarchical encoder before its full-attention part, which only
+        # the sentence-level ablation uses: train what is on the path, nothing else
+        on_path = ("hier.",) if cfg.visual_tokens == "sentence" else ("hier.input_proj.", "hier.local.")
         apply_lora(model.llm, tuple(cfg.lora_targets.split(",")), cfg.lora_r, cfg.lora_alpha)
         for name, p in model.visual_encoder.named_parameters():
-            p.requires_grad_(name.startswith(("hier.", "frame_proj.")) or ".lora_" in name
+            p.requires_grad_(name.startswith(on_path + ("frame_proj.",)) or ".lora_" in name
                              or (model.visual_encoder.cfg.vit_tuning == "full" and name.startswith("vit.")
                                  and "mask_token" not in name))
 

@@ -706,7 +706,7 @@ class VCPConfig:
     hier: HierarchicalConfig = field(default_factory=HierarchicalConfig)
     clip_dim: int = 768
     text_dim: int = 1024  # mBART-large d_model; set from the text encoder when one is given
-    text_encoder_path: str = ""
+    text_encoder_path: str = ""  # relative to the VCP folder (or absolute)
     logit_scale_init: float = 1 / 0.07  # the multiplier, as CLIP
     logit_scale_max: float = 100.0
 
@@ -835,7 +835,9 @@ class VCPModel(nn.Module):
             if not cfg.text_encoder_path:
                 raise ValueError(f"{cfg_path}: text_encoder_path is empty; "
                                  "this model was saved without a text encoder")
-            text_encoder = TextEncoder.from_pretrained(cfg.text_encoder_path, dtype=dtype, device=device)
+            # a relative path is relative to this folder (train_vcp.py writes it so)
+            path = os.path.join(folder, cfg.text_encoder_path)
+            text_encoder = TextEncoder.from_pretrained(path, dtype=dtype, device=device)
         # the ViT weights are in model.safetensors: do not read vit_path again
         with torch.device(device):
             model = cls(replace(cfg, vit_path=""), text_encoder).to(dtype)
