@@ -19,6 +19,24 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100  # LLaVA's convention: labels that take no loss
 
 
+def copy_strict(own: dict, tensors: dict, where: str, source: dict = None):
+    """Copy checkpoint `tensors` into the model's `own` {name: tensor}, strictly: a missing,
+    unexpected or mis-shaped key raises one line naming the file (source[name] when known,
+    else `where`) and the key. Every loader of ours goes through here (never warn-and-continue)."""
+    source = source or {}
+    for k in sorted(own.keys() - tensors.keys()):
+        raise KeyError(f"{where}: missing {k}")
+    for k in sorted(tensors.keys() - own.keys()):
+        raise KeyError(f"{source.get(k, where)}: unexpected {k} (made for another model?)")
+    for k, v in tensors.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"{source.get(k, where)}: {k} has shape {tuple(v.shape)}, "
+                             f"the model expects {tuple(own[k].shape)}")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            own[k].copy_(v)
+
+
 # ----------------------------------------------------------------------------- LLM
 # The decoder LLM of section 3.1 (Qwen2.5-7B-Instruct by default; Qwen1.5 and Llama-3.1 in the
 # Tab. 6 ablation, Llama-3.1-8B-Instruct for Phoenix). One module family covers all three:
@@ -807,17 +825,8 @@ def load_lora(module: nn.Module, folder: str) -> nn.Module:
         cfg = json.load(f)
     if not any(isinstance(m, LoRALinear) for m in module.modules()):
         apply_lora(module, cfg["target_modules"], cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0))
-    own = lora_parameters(module)
     tensors = {k.removeprefix("base_model.model."): v for k, v in load_file(path).items()}
-    for k in sorted(set(own) - set(tensors)):
-        raise KeyError(f"{path}: missing {k}")
-    for k in sorted(set(tensors) - set(own)):
-        raise KeyError(f"{path}: unexpected {k} (the adapter was made for another model)")
-    with torch.no_grad():
-        for k, v in tensors.items():
-            if v.shape != own[k].shape:
-                raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
-            own[k].copy_(v)
+    copy_strict(lora_parameters(module), tensors, path)
     return module
 
 
@@ -1373,14 +1382,7 @@ class LLaVASLT(nn.Module):
         path = os.path.join(folder, "connector.safetensors")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: not found; the folder holds no trained connector")
-        state = load_file(path)
-        own = connector.state_dict()
-        for k in sorted(set(own) ^ set(state)):
-            raise KeyError(f"{path}: {'missing' if k in own else 'unexpected'} {k}")
-        for k, v in state.items():
-            if v.shape != own[k].shape:
-                raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
-        connector.load_state_dict(state)
+        copy_strict(connector.state_dict(), load_file(path), path)
         model = cls(llm, connector.to(device=device, dtype=dtype), load_visual(config["visual"]),
                     config["visual_tokens"])
         model.config = config

@@ -81,6 +81,8 @@ from safetensors.torch import load_file, save_file, save_model
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from model import copy_strict
+
 
 # ----------------------------------------------------------------------------- config
 
@@ -757,17 +759,7 @@ def restore_train_state(state: dict, optimizer=None, model: Optional[nn.Module] 
     dist = dist or Dist()
     path = state.get("path", TRAIN_STATE)
     if model is not None:
-        own, saved = trainable_parameters(model), state["trainable"]
-        where = os.path.join(path, "trainable.safetensors")
-        for k in sorted(set(own) - set(saved)):
-            raise KeyError(f"{where}: missing {k} (the model trains parameters the checkpoint did not)")
-        for k in sorted(set(saved) - set(own)):
-            raise KeyError(f"{where}: unexpected {k} (the checkpoint trained a parameter this model does not)")
-        with torch.no_grad():
-            for k, p in own.items():
-                if saved[k].shape != p.shape:
-                    raise ValueError(f"{where}: {k} has shape {tuple(saved[k].shape)}, the model has {tuple(p.shape)}")
-                p.copy_(saved[k])
+        copy_strict(trainable_parameters(model), state["trainable"], os.path.join(path, "trainable.safetensors"))
     if optimizer is not None:
         _load_optimizer(optimizer, state["optimizer"], os.path.join(path, "optimizer.safetensors"))
     if scaler is not None and state.get("scaler") is not None:

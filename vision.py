@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import apply_lora
+from model import apply_lora, copy_strict
 
 # ----------------------------------------------------------------------------- checkpoints
 # One place knows the file layouts of a Hugging Face folder: model.safetensors or sharded
@@ -61,17 +61,9 @@ def _read_checkpoint(folder: str, keep) -> tuple:
 
 
 def _load_strict(module: nn.Module, tensors: dict, source: dict, where: str, skip=lambda k: False):
-    """load_state_dict(strict=True) whose failures are one line naming the file and the key."""
+    """Strict loading (model.copy_strict) of everything in the module's state dict but `skip`."""
     own = {k: v for k, v in module.state_dict().items() if not skip(k)}
-    for k in sorted(own.keys() - tensors.keys()):
-        raise ValueError(f"checkpoint {where}: missing {k}")
-    for k in sorted(tensors.keys() - own.keys()):
-        raise ValueError(f"checkpoint {source.get(k, where)}: unexpected {k} (made for another model?)")
-    for k, v in tensors.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"checkpoint {source.get(k, where)}: {k} has shape {tuple(v.shape)}, "
-                             f"the model expects {tuple(own[k].shape)}")
-    module.load_state_dict(tensors, strict=not any(skip(k) for k in module.state_dict()))
+    copy_strict(own, tensors, f"checkpoint {where}", {k: f"checkpoint {v}" for k, v in source.items()})
 
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu,
