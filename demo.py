@@ -27,10 +27,10 @@ class DemoConfig:
     n_train: int = 3000
     n_test: int = 300
     threads: int = 2                 # torch threads per process (the target machine has 2 cores)
-    cpt_steps: int = 300
-    vcp_steps: int = 350
-    vlt_steps: int = 400
-    full_tune_steps: int = 200
+    cpt_steps: int = 200
+    vcp_steps: int = 300
+    vlt_steps: int = 300
+    full_tune_steps: int = 150
     stage_time_limit: float = 240.0  # seconds per stage at most: a slower machine stops early, still saving
     fresh: bool = False              # regenerate the data and retrain every stage
 
@@ -82,7 +82,7 @@ def main(argv):
             "train_vcp.py", f"--data={data}", f"--text_from_llm={cpt}", f"--out={vcp}", "--image_size=32",
             "--resize=32", "--stride=2", "--max_frames=64", "--cache_videos=true", "--flip=0", "--rotation=0", "--color_jitter=0.1",
             "--frame_pool=flat", "--vit_tuning=full", "--vit_dim=64", "--vit_layers=2", "--vit_heads=4",
-            "--patch_size=8", "--vit_chunk_size=4096", "--dim=128", "--heads=4", "--local_layers=1", "--window=3", "--full_layers=1",
+            "--patch_size=8", "--dim=128", "--heads=4", "--local_layers=1", "--window=3", "--full_layers=1",
             "--dropout=0.0", "--clip_dim=128", "--logit_scale_init=30", f"--max_steps={cfg.vcp_steps}",
             "--batch_size=64", "--lr=2e-3", "--weight_decay=1e-5", "--log_every=25", f"--seed={cfg.seed}",
             limit], logs)
