@@ -268,8 +268,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd)
-        if mask is None:  # plain causal attention over this call's tokens (no cache, no padding)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, hd)
+        if mask is None:
+            # No padding: causal attention over this call's tokens (no cache), or one new token
+            # that sees every cached key (a decoding step). No mask keeps SDPA's GQA kernels.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)  # (B, H, T, hd)
         else:
             # On CUDA, a mask together with enable_gqa falls back to the math kernel (which
             # materialises every attention matrix); repeating the KV heads keeps the fused ones.
@@ -358,8 +360,10 @@ class LLM(nn.Module):
     def embed(self, input_ids):  # (B, T) -> (B, T, D)
         return self.model.embed_tokens(input_ids)
 
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, cache=None):
-        """Logits (B, T, V) in the model dtype.
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, cache=None,
+                logits_to_keep: int = 0):
+        """Logits (B, T, V) in the model dtype; (B, n, V) of the last n positions with logits_to_keep=n
+        (generation needs the last one only: the LM head over a whole prompt is wasted work).
 
         attention_mask (B, S): 1 = token, 0 = padding, over the cached positions and this call's
         (S = cache.length + T). Without position_ids, positions count real tokens only
@@ -390,14 +394,28 @@ class LLM(nn.Module):
             x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
-        return self.lm_head(self.model.norm(x))  # (B, T, V)
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]  # (B, n, D)
+        return self._logits(self.model.norm(x))  # (B, T or n, V)
+
+    def _logits(self, x):  # (B, T, D) -> (B, T, V)
+        B, T, D = x.shape
+        if x.device.type == "cpu" and B * T <= 32 and type(self.lm_head) is nn.Linear and not torch.is_grad_enabled():
+            # Decoding on CPU: for a few rows, BLAS streams the big (V, D) head weight 1.5-2x faster
+            # as the left operand (W @ x^T) than as the transposed right one (x @ W^T, nn.Linear).
+            return (self.lm_head.weight @ x.reshape(B * T, D).T).T.reshape(B, T, -1).contiguous()
+        return self.lm_head(x)
 
     @staticmethod
     def _attention_mask(attention_mask, T, past, device):
-        """Boolean (B or 1, 1, T, S) mask, True = may attend; None for plain causal attention."""
+        """Boolean (B or 1, 1, T, S) mask, True = may attend; None when attention needs no mask:
+        causal over this call's tokens (past == 0), or one token seeing every key (T == 1)."""
         if past == 0 and (attention_mask is None or bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())):
             # No padding or right padding only (training batches): under a causal mask no real
             # token can see a pad, so SDPA's causal kernels give the same real-token outputs.
+            return None
+        if T == 1 and (attention_mask is None or bool(attention_mask.all())):
+            # A decoding step with no padding anywhere: the new token attends to every position.
             return None
         q_pos = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
         k_pos = torch.arange(past + T, device=device)[None, :]        # (1, S)
@@ -550,7 +568,8 @@ class LLM(nn.Module):
         full_mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=embeds.device)
         full_mask[:, :T] = attention_mask
         cache = KVCache(self.config, B, T + max_new_tokens, embeds.device, embeds.dtype)
-        logits = self(inputs_embeds=embeds, attention_mask=full_mask[:, :T], cache=cache)[:, -1].float()  # (B, V)
+        logits = self(inputs_embeds=embeds, attention_mask=full_mask[:, :T], cache=cache,
+                      logits_to_keep=1)[:, -1].float()  # (B, V)
         eos_t = torch.tensor(eos, dtype=torch.long, device=embeds.device)
         if num_beams == 1:
             return self._greedy(logits, cache, full_mask, T, max_new_tokens, eos_t, pad)
