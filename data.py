@@ -282,12 +282,8 @@ def _row(id, video, text, gloss=None, signer=None) -> dict:
     return {"id": str(id), "video": str(video), "text": text, "gloss": gloss, "signer": signer}
 
 
-def read_manifest(path, check_files: bool = True) -> list:
-    """Rows of a jsonl manifest; `video` paths are relative to the manifest file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: manifest not found; give a .jsonl file or a folder with {{split}}.jsonl")
-    rows, seen = [], {}
+def _jsonl(path: Path):
+    """(row number, object) for each non-empty line of a jsonl file; bad lines name their row."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -298,20 +294,30 @@ def read_manifest(path, check_files: bool = True) -> list:
                 raise DataError(f"{path} row {n}: bad json ({e.msg}); write one JSON object per line") from None
             if not isinstance(r, dict):
                 raise DataError(f"{path} row {n}: expected a JSON object, got {type(r).__name__}")
-            video, text = r.get("video"), r.get("text")
-            if not isinstance(video, str) or not video:
-                raise DataError(f"{path} row {n}: no 'video'; every row needs the path of its mp4 or frame folder")
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{path} row {n}: no text or empty 'text'; every row needs its spoken sentence")
-            vpath = Path(os.path.abspath(path.parent / video))  # absolute paths stay as they are
-            if check_files and not vpath.exists():
-                raise FileNotFoundError(f"{path} row {n}: video {vpath} not found; "
-                                        "paths are relative to the manifest file")
-            id = str(r.get("id", vpath.stem))
-            if id in seen:
-                raise DataError(f"{path} row {n}: id {id!r} already used in row {seen[id]}; ids must be unique")
-            seen[id] = n
-            rows.append(_row(id, vpath, text.strip(), r.get("gloss"), r.get("signer")))
+            yield n, r
+
+
+def read_manifest(path, check_files: bool = True) -> list:
+    """Rows of a jsonl manifest; `video` paths are relative to the manifest file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: manifest not found; give a .jsonl file or a folder with {{split}}.jsonl")
+    rows, seen = [], {}
+    for n, r in _jsonl(path):
+        video, text = r.get("video"), r.get("text")
+        if not isinstance(video, str) or not video:
+            raise DataError(f"{path} row {n}: no 'video'; every row needs the path of its mp4 or frame folder")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path} row {n}: no text or empty 'text'; every row needs its spoken sentence")
+        vpath = Path(os.path.abspath(path.parent / video))  # absolute paths stay as they are
+        if check_files and not vpath.exists():
+            raise FileNotFoundError(f"{path} row {n}: video {vpath} not found; "
+                                    "paths are relative to the manifest file")
+        id = str(r.get("id", vpath.stem))
+        if id in seen:
+            raise DataError(f"{path} row {n}: id {id!r} already used in row {seen[id]}; ids must be unique")
+        seen[id] = n
+        rows.append(_row(id, vpath, text.strip(), r.get("gloss"), r.get("signer")))
     if not rows:
         raise DataError(f"{path}: manifest has no rows")
     return rows
@@ -617,19 +623,12 @@ def read_corpus(path) -> list:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: corpus not found; give a jsonl file of {{\"text\"}} or {{\"gloss\", \"text\"}} rows")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} row {n}: bad json ({e.msg}); write one JSON object per line") from None
-            if not isinstance(r, dict) or not isinstance(r.get("text"), str) or not r["text"].strip():
-                raise DataError(f"{path} row {n}: no text or empty 'text'; every row needs a sentence")
-            if "gloss" in r and (not isinstance(r["gloss"], str) or not r["gloss"].strip()):
-                raise DataError(f"{path} row {n}: empty 'gloss'; drop the key for a plain sentence")
-            rows.append({"text": r["text"].strip(), **({"gloss": r["gloss"].strip()} if "gloss" in r else {})})
+    for n, r in _jsonl(path):
+        if not isinstance(r.get("text"), str) or not r["text"].strip():
+            raise DataError(f"{path} row {n}: no text or empty 'text'; every row needs a sentence")
+        if "gloss" in r and (not isinstance(r["gloss"], str) or not r["gloss"].strip()):
+            raise DataError(f"{path} row {n}: empty 'gloss'; drop the key for a plain sentence")
+        rows.append({"text": r["text"].strip(), **({"gloss": r["gloss"].strip()} if "gloss" in r else {})})
     if not rows:
         raise DataError(f"{path}: corpus has no rows")
     return rows
