@@ -68,7 +68,7 @@ def sync(device):
 
 
 def interleaved(fns: dict, repeats: int, warmup: int = 1, device="cpu") -> dict:
-    """{name: median seconds of fn()} with the functions run in turn, `repeats` rounds after
+    """{name: [seconds of fn() in each round]}: the functions run in turn, `repeats` rounds after
     `warmup` rounds, so slow and fast moments of a shared machine fall on every side alike."""
     for _ in range(warmup):
         for fn in fns.values():
@@ -83,7 +83,16 @@ def interleaved(fns: dict, repeats: int, warmup: int = 1, device="cpu") -> dict:
             fns[name]()
             sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def timed_pair(times: dict, ours: str, base: str, work: float) -> dict:
+    """Rates (work / median seconds) of both sides and their ratio, the median over rounds of
+    base_seconds / ours_seconds: the two runs of a round are back to back, so each round's ratio
+    sees one load, and a round slowed by another job does not move the median."""
+    o, b = statistics.median(times[ours]), statistics.median(times[base])
+    ratio = statistics.median(tb / to for to, tb in zip(times[ours], times[base]))
+    return dict(ours=work / o, baseline=work / b, ratio=ratio)
 
 
 def check_close(ours, theirs, what: str, atol: float, rtol: float = 1e-4):
@@ -128,8 +137,8 @@ def bench_llm_prefill(pair, device, quick: bool) -> dict:
     check_close(ours(ids), hf(ids).logits, "LLM prefill logits", atol=1e-4)  # also the warm-up
     t = interleaved({"ours": lambda: ours(ids), "transformers": lambda: hf(ids).logits},
                     repeats=5, warmup=0, device=device)
-    return dict(ours=B * T / t["ours"], baseline=B * T / t["transformers"], baseline_is="transformers",
-                unit="tokens/s", shape=f"{n_params / 1e6:.0f}M params, batch {B} x {T}, fp32")
+    return dict(**timed_pair(t, "ours", "transformers", B * T), baseline_is="transformers", unit="tokens/s",
+                shape=f"{n_params / 1e6:.0f}M params, batch {B} x {T}, fp32")
 
 
 @torch.no_grad()
@@ -152,8 +161,7 @@ def _generation_pair(pair, device, batch: int, prompt: int, new: int, beams: int
                              f"transformers {tuple(b.shape)}")
     same = (a == b).float().mean().item()
     t = interleaved({"ours": run_ours, "transformers": run_hf}, repeats=repeats, warmup=0, device=device)
-    return dict(ours=batch * new / t["ours"], baseline=batch * new / t["transformers"],
-                same_tokens=round(same, 3))
+    return dict(**timed_pair(t, "ours", "transformers", batch * new), same_tokens=round(same, 3))
 
 
 def bench_llm_greedy(pair, device, quick: bool) -> dict:
@@ -170,9 +178,9 @@ def bench_llm_beam(pair, device, quick: bool) -> dict:
 
 def _worst(rows: dict, shape: str, unit: str) -> dict:
     """The row with the smaller ratio holds the figure; every row is kept."""
-    worst = min(rows.values(), key=lambda r: r["ours"] / r["baseline"])
-    return dict(ours=worst["ours"], baseline=worst["baseline"], baseline_is="transformers", unit=unit, shape=shape,
-                rows=rows)
+    worst = min(rows.values(), key=lambda r: r["ratio"])
+    return dict(ours=worst["ours"], baseline=worst["baseline"], ratio=worst["ratio"], baseline_is="transformers",
+                unit=unit, shape=shape, rows=rows)
 
 
 # ----------------------------------------------------------------------------- ViT pair
@@ -194,9 +202,9 @@ def bench_vit(tmp: str, device, quick: bool) -> dict:
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(3)).to(device)
     check_close(ours(x), hf(pixel_values=x).pooler_output, "ViT CLS features", atol=1e-4)
     t = interleaved({"ours": lambda: ours(x), "transformers": lambda: hf(pixel_values=x).pooler_output},
-                    repeats=5, warmup=0, device=device)
-    return dict(ours=batch / t["ours"], baseline=batch / t["transformers"], baseline_is="transformers",
-                unit="frames/s", shape=f"DINOv2 384-d x {layers} layers, {size} px, batch {batch}, fp32")
+                    repeats=7, warmup=0, device=device)
+    return dict(**timed_pair(t, "ours", "transformers", batch), baseline_is="transformers", unit="frames/s",
+                shape=f"DINOv2 384-d x {layers} layers, {size} px, batch {batch}, fp32")
 
 
 # ----------------------------------------------------------------------------- VLT: cached word features
@@ -296,10 +304,10 @@ def bench_vlt_cache(tmp: str, device, quick: bool) -> dict:
     # median of three drops a slow first epoch
     repeats = 3
     t = interleaved({"cached": epoch_cached, "uncached": epoch_uncached}, repeats, warmup=0, device=device)
-    return dict(ours=n_train / t["cached"], baseline=n_train / t["uncached"], unit="clips/s",
+    return dict(**timed_pair(t, "cached", "uncached", n_train), unit="clips/s",
                 baseline_is="decoding videos + the frozen visual encoder every step", cache_build_s=round(cache_s, 2),
-                synth_s=round(synth_s, 2), epoch_cached_s=round(t["cached"], 3),
-                epoch_uncached_s=round(t["uncached"], 3),
+                synth_s=round(synth_s, 2), epoch_cached_s=round(statistics.median(t["cached"]), 3),
+                epoch_uncached_s=round(statistics.median(t["uncached"]), 3),
                 epoch_parts_s={k: round(v / repeats, 3) for k, v in parts.items()},
                 shape=f"{n_train} clips, batch {batch_size}, demo shapes, fp32")
 
@@ -405,7 +413,7 @@ def bench_load_rss(tmp: str, quick: bool) -> dict:
 
 PEAK_BF16_TFLOPS = [  # dense bf16 tensor-core peaks from the vendor datasheets; first match of the name wins
     ("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
-    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0),
+    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
 ]
 
 LLM_SHAPES = {  # config.json shapes of the paper's LLM family (random weights: speed does not depend on them)
@@ -462,7 +470,7 @@ def _mfu_row(step, items: int, unit: str, peak, repeats: int, device) -> dict:
     with counter:
         step()
     flops = counter.get_total_flops()
-    seconds = interleaved({"step": step}, repeats, warmup=1, device=device)["step"]
+    seconds = statistics.median(interleaved({"step": step}, repeats, warmup=1, device=device)["step"])
     row = dict(step_s=round(seconds, 4), tflops_per_step=round(flops / 1e12, 3),
                achieved_tflops=round(flops / seconds / 1e12, 1), **{f"{unit}_per_s": round(items / seconds, 2)})
     if peak is not None:
@@ -564,7 +572,7 @@ def bench_eval_speed(device, llm_shape: str, quick: bool) -> dict:
         return model.generate(ids, attention_mask, slot_mask, feats, mask, max_new_tokens=new, num_beams=4,
                               eos_token_id=[], pad_token_id=0)
 
-    seconds = interleaved({"eval": translate}, 2 if quick else 5, warmup=1, device=device)["eval"]
+    seconds = statistics.median(interleaved({"eval": translate}, 2 if quick else 5, warmup=1, device=device)["eval"])
     return dict(clips_per_s=round(B / seconds, 2), batch_s=round(seconds, 3),
                 shape=f"{B} clips x {T} frames at {size} px, {llm_shape}, beam 4, {new} new tokens, bf16")
 
@@ -625,6 +633,7 @@ def choose_threads(requested: int):
     n = max(1, cores - int(busy + 0.5))
     return n, f"{cores} cores, {busy:.1f} busy with other work"
 
+
 def run_figure(name: str, fn, results: dict, details: dict):
     t0 = time.perf_counter()
     print(f"{name} ...", flush=True)
@@ -664,8 +673,7 @@ def print_table(results: dict, details: dict):
         if "cache_build_s" in d:
             print(f"{'  cache build (once)':<37} {d['cache_build_s']:>7.3f} s")
         for row_name, row in d.get("rows", {}).items():
-            print(f"{'  ' + row_name:<22} {_fmt(row['ours']):>14} {_fmt(row['baseline']):>14} "
-                  f"{row['ours'] / row['baseline']:>7.3f}")
+            print(f"{'  ' + row_name:<22} {_fmt(row['ours']):>14} {_fmt(row['baseline']):>14} {row['ratio']:>7.3f}")
 
 
 def main(argv=None) -> int:
@@ -673,7 +681,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--json", default="", help="also write the JSON here")
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats: a smoke run")
-    p.add_argument("--only", default="", help="comma-separated figure names (prefill, greedy, beam, vit, vlt, load, cuda)")
+    p.add_argument("--only", default="",
+                   help="comma-separated figures: prefill, greedy, beam, vit, vlt, load, cuda")
     p.add_argument("--peak_tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads; 0 (default): the cores other processes leave idle")
@@ -684,7 +693,8 @@ def main(argv=None) -> int:
         return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"--device={args.device}: CUDA is not available on this machine; run without --device for the CPU figures")
+        print(f"--device={args.device}: CUDA is not available on this machine; "
+              "run without --device for the CPU figures")
         return 1
     only = set(filter(None, args.only.split(",")))
     want = lambda key: not only or key in only  # noqa: E731
@@ -714,9 +724,14 @@ def main(argv=None) -> int:
         for name in ("cuda_vcp_train", "cuda_vlt_train", "cuda_eval"):
             print(f"  {name:<16} {json.dumps(cuda[name])}")
     import transformers
+    if cuda is not None:  # the headline CUDA numbers at the top level too (None where a figure failed)
+        results["cuda_vcp_mfu"] = cuda["cuda_vcp_train"].get("mfu")
+        results["cuda_vlt_mfu"] = cuda["cuda_vlt_train"].get("mfu")
+        results["cuda_eval_clips_per_s"] = cuda["cuda_eval"].get("clips_per_s")
     report = {**results, "details": details, "cuda": cuda, "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "threads": threads, "threads_why": why, "torch": torch.__version__, "transformers": transformers.__version__,
+              "threads": threads, "threads_why": why, "torch": torch.__version__,
+              "transformers": transformers.__version__,
               "quick": args.quick, "load_average": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
               "seconds": round(time.perf_counter() - t_start, 1)}
     text = json.dumps(report, indent=2)
@@ -725,7 +740,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             f.write(text + "\n")
     print(f"\n{report['seconds']:.0f} s in all", flush=True)
-    return 1 if any(v is None for v in results.values()) else 0
+    return 1 if any(details[k].get("error") for k in details) else 0
 
 
 if __name__ == "__main__":
