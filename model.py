@@ -249,6 +249,35 @@ class KVCache:
         self.k[:, :, :, :n] = self.k[:, index, :, :n]
         self.v[:, :, :, :n] = self.v[:, index, :, :n]
 
+    def advance(self, n: int):
+        self.length += n
+
+
+class PrefixCache:
+    """Keys and values of a prompt prefix that every row starts with, for training with a frozen
+    LLM: VLT's connector stage (section 3.3) feeds the same system turn in every example, so a
+    frozen LLM's keys and values there never change and are computed once instead of every step.
+    It is read-only, so one object serves every step: update() concatenates instead of writing
+    in place (autograd must not see a buffer that later layers overwrite)."""
+
+    def __init__(self, llm: "LLM", ids):
+        ids = torch.as_tensor(ids, dtype=torch.long, device=llm.lm_head.weight.device)  # (P,)
+        cache = KVCache(llm.config, 1, len(ids), device=ids.device, dtype=llm.lm_head.weight.dtype)
+        with torch.no_grad():
+            llm(ids[None], cache=cache)
+        self.ids, self.k, self.v = ids, cache.k, cache.v  # (L, 1, KV, P, hd)
+        self.length = len(ids)
+        self.batch_size = None  # any: the one prefix row serves every row of a batch
+
+    def update(self, layer: int, k, v):
+        """This call's k/v (B, KV, T, hd) after the prefix's: (B, KV, P + T, hd)."""
+        B = k.shape[0]
+        return (torch.cat([self.k[layer].expand(B, -1, -1, -1), k], dim=2),
+                torch.cat([self.v[layer].expand(B, -1, -1, -1), v], dim=2))
+
+    def advance(self, n: int):
+        pass  # every call continues from the prefix alone
+
 
 class Attention(nn.Module):
     def __init__(self, config: LLMConfig, layer_idx: int):
@@ -374,7 +403,7 @@ class LLM(nn.Module):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
-        if cache is not None and cache.batch_size != B:
+        if cache is not None and cache.batch_size not in (None, B):
             raise ValueError(f"the KV cache holds {cache.batch_size} rows, the input has {B}")
         if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)} "
@@ -393,7 +422,7 @@ class LLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]  # (B, n, D)
         return self._logits(self.model.norm(x))  # (B, T or n, V)
@@ -1338,12 +1367,26 @@ class LLaVASLT(nn.Module):
         return embeds.masked_scatter(slot_mask.unsqueeze(-1), visual[word_mask])
 
     def forward(self, input_ids, attention_mask, slot_mask, word_features=None, word_mask=None,
-                frames=None, frame_mask=None):
-        """Logits (B, T, V) from cached visual tokens, or from frames through the visual encoder."""
+                frames=None, frame_mask=None, prefix: PrefixCache = None):
+        """Logits (B, T, V) from cached visual tokens, or from frames through the visual encoder.
+
+        With `prefix` (the frozen LLM's PrefixCache of the first P tokens every row starts with),
+        only the rest is computed and the logits are those of positions P.. (B, T - P, V).
+        """
         if frames is not None:
             word_features, word_mask = self.visual_features(frames, frame_mask)
+        cache = None
+        if prefix is not None:
+            P = prefix.length
+            if not (torch.equal(input_ids[:, :P], prefix.ids.expand(len(input_ids), P))
+                    and bool(attention_mask[:, :P].all()) and not bool(slot_mask[:, :P].any())):
+                raise ValueError("LLaVASLT.forward: every row must start with the prefix's tokens "
+                                 "(right-padded prompts with the same system turn)")
+            if any(p.requires_grad for p in self.llm.parameters()):
+                raise ValueError("LLaVASLT.forward: a PrefixCache needs a frozen LLM (its keys would go stale)")
+            input_ids, slot_mask, cache = input_ids[:, P:], slot_mask[:, P:], prefix  # (B, T - P)
         embeds = self.splice(input_ids, slot_mask, word_features, word_mask)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask)  # (B, T, V)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache)  # (B, T or T - P, V)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, slot_mask, word_features, word_mask, **kwargs):

@@ -25,7 +25,7 @@ import torch
 from data import (ClipDataset, VideoTransform, build_chat_example, collate_clips, collate_vlt, language_of,
                   load_rows, system_prompt)
 from losses import lm_loss
-from model import LLM, Connector, LLaVASLT, Tokenizer, apply_lora
+from model import LLM, Connector, LLaVASLT, PrefixCache, Tokenizer, apply_lora
 from training import TrainConfig, cli, fit, make_optimizer, parse_config, seed_everything, setup_distributed
 from vision import VCPModel
 
@@ -228,14 +228,24 @@ def main(argv):
              f"{' (full-tune)' if cfg.full_tune else ' (connector)'}")
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
 
+    # Every prompt starts with the same system turn and user header; with the LLM frozen, their
+    # keys and values are computed once (PrefixCache), not in every step: about half the
+    # positions of a prompt. Made at the first step, on the training device and under its autocast.
+    example = build_chat_example(tok, system, 0)
+    prefix_ids, prefix = example["input_ids"][:example["visual_start"]], None
+
     def train_step(model, batch):
+        nonlocal prefix
         if cfg.full_tune:
             logits = model(batch["input_ids"], batch["attention_mask"], batch["slot_mask"],
                            frames=batch["frames"], frame_mask=batch["frame_mask"])
         else:
+            if prefix is None and prefix_ids:
+                prefix = PrefixCache(inner.llm, prefix_ids)
             logits = model(batch["input_ids"], batch["attention_mask"], batch["slot_mask"],
-                           batch["word_features"], batch["word_mask"])
-        loss, n = lm_loss(logits, batch["labels"])  # the response (and its end-of-turn token) only
+                           batch["word_features"], batch["word_mask"], prefix=prefix)  # (B, T - P, V)
+        labels = batch["labels"][:, -logits.shape[1]:]  # the positions the logits are of
+        loss, n = lm_loss(logits, labels)  # the response (and its end-of-turn token) only
         return loss * n, n
 
     settings = {"language": language, "prompt": cfg.prompt, "system": system}

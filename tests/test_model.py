@@ -529,3 +529,27 @@ def test_llava_save_load_round_trip_and_foreign_folder(tmp_path):
         LLaVASLT.load(str(llm_dir), load_visual=lambda folder: None)
     with _pytest.raises(FileNotFoundError, match="no config.json"):
         LLaVASLT.load(str(tmp_path), load_visual=lambda folder: None)
+
+
+def test_llava_prefix_cache_gives_the_same_logits_and_connector_gradients():
+    from model import PrefixCache
+    m = _llava()
+    m.llm.requires_grad_(False)
+    ids = _torch.tensor([[5, 9, 1, 1, 1, 7, 8, 3], [5, 9, 1, 1, 7, 8, 0, 0]])
+    am = (ids != 0).long()
+    feats = _torch.randn(2, 3, 6)
+    mask = _torch.tensor([[True, True, True], [True, True, False]])
+    full = m(ids, am, ids == 1, feats, mask)
+    gf = _torch.autograd.grad(full[:, 2:][am[:, 2:].bool()].square().sum(), list(m.connector.parameters()))
+    prefix = PrefixCache(m.llm, [5, 9])
+    part = m(ids, am, ids == 1, feats, mask, prefix=prefix)  # (B, T - 2, V)
+    assert part.shape == (2, 6, 40)
+    _torch.testing.assert_close(part[am[:, 2:].bool()], full[:, 2:][am[:, 2:].bool()], atol=1e-5, rtol=1e-5)
+    gp = _torch.autograd.grad(part[am[:, 2:].bool()].square().sum(), list(m.connector.parameters()))
+    for a, b in zip(gp, gf):
+        _torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with _pytest.raises(ValueError, match="start with the prefix"):
+        m(ids.flip(1), am, ids == 1, feats, mask, prefix=prefix)
+    m.llm.lm_head.weight.requires_grad_(True)
+    with _pytest.raises(ValueError, match="frozen LLM"):
+        m(ids, am, ids == 1, feats, mask, prefix=prefix)
