@@ -27,11 +27,11 @@ class DemoConfig:
     n_train: int = 3000
     n_test: int = 300
     threads: int = 2                 # torch threads per process (the target machine has 2 cores)
-    cpt_steps: int = 200
-    vcp_steps: int = 300
-    vlt_steps: int = 300
-    full_tune_steps: int = 150
-    stage_time_limit: float = 240.0  # seconds per stage at most: a slower machine stops early, still saving
+    cpt_steps: int = 150
+    vcp_steps: int = 220
+    vlt_steps: int = 200
+    full_tune_steps: int = 120
+    stage_time_limit: float = 210.0  # seconds per stage at most: a slower machine stops early, still saving
     fresh: bool = False              # regenerate the data and retrain every stage
 
 
@@ -85,7 +85,7 @@ def main(argv):
             "--patch_size=8", "--dim=128", "--heads=4", "--local_layers=1", "--window=3", "--full_layers=1",
             "--dropout=0.0", "--clip_dim=128", "--logit_scale_init=30", f"--max_steps={cfg.vcp_steps}",
             "--batch_size=64", "--lr=2e-3", "--weight_decay=1e-5", "--log_every=25", f"--seed={cfg.seed}",
-            limit], logs)
+            "--vit_chunk_size=256", limit], logs)
     # Stage 3: the connector on cached word features, then full-tuning
     if not done(vlt):
         seconds["vlt"] = run("stage 3 VLT connector", [
@@ -105,7 +105,7 @@ def main(argv):
         path = os.path.join(out, f"scores_{name}.json")
         run(f"eval {name}", ["eval.py", f"--checkpoint={ckpt}", f"--data={data}", "--split=test", "--num_beams=4",
                              f"--json={path}", f"--predictions={os.path.join(out, f'predictions_{name}.jsonl')}",
-                             "--batch_size=50"] + extra, logs)
+                             "--batch_size=50", "--max_new_tokens=32"] + extra, logs)
         with open(path) as f:
             results[name] = json.load(f)
     results["seconds"] = round(time.time() - t_start, 1)
