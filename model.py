@@ -1413,6 +1413,9 @@ class LLaVASLT(nn.Module):
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
 
+    def connector_dtype(self) -> torch.dtype:
+        return next(self.connector.parameters()).dtype
+
     def connector_dims(self):
         first = self.connector.proj[0] if self.connector.kind == "mlp" else self.connector.proj
         return first.in_features, self.llm.config.hidden_size

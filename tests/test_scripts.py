@@ -220,6 +220,10 @@ def test_trilogy_end_to_end(pipe, tmp_path):
                 "--max_new_tokens=12"]).stdout
     assert line.endswith("\n") and len(line.splitlines()) == 1 and line.strip()
     assert line.strip() == hyps[0]
+    # in bf16 (what --dtype=auto picks on CUDA) the whole model runs in that dtype and translates
+    line = run(["eval.py", f"--checkpoint={full}", f"--video={clip['video']}", "--num_beams=2",
+                "--max_new_tokens=12", "--dtype=bfloat16"]).stdout
+    assert len(line.splitlines()) == 1 and line.strip()
 
     # the baselines run and are scored the same way
     for flag in ("--text_only=true", "--untrained=true"):
