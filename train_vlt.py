@@ -113,18 +113,19 @@ def build_cache(path, model: LLaVASLT, rows, dist, batch_size, num_workers, key)
 
 
 class CachedVLTDataset(torch.utils.data.Dataset):
-    """Cached visual tokens + the chat example with one slot per token and the answer."""
+    """Cached visual tokens + the chat example with one slot per token and the answer. Nothing
+    here changes between epochs, so the examples are built (chat template, tokenizer) once."""
 
     def __init__(self, rows, features, tok, system):
-        self.rows, self.features, self.tok, self.system = rows, features, tok, system
+        self.features = [features[row["id"]] for row in rows]
+        self.examples = [build_chat_example(tok, system, len(f), answer=row["text"])
+                         for row, f in zip(rows, self.features)]
 
     def __len__(self):
-        return len(self.rows)
+        return len(self.examples)
 
     def __getitem__(self, i):
-        row = self.rows[i]
-        feats = self.features[row["id"]]
-        return {"word_features": feats, **build_chat_example(self.tok, self.system, len(feats), answer=row["text"])}
+        return {"word_features": self.features[i], **self.examples[i]}
 
 
 class VideoVLTDataset(torch.utils.data.Dataset):
