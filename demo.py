@@ -29,7 +29,7 @@ class DemoConfig:
     threads: int = 2                 # torch threads per process (the target machine has 2 cores)
     cpt_steps: int = 150
     vcp_steps: int = 220
-    vlt_steps: int = 200
+    vlt_steps: int = 300
     full_tune_steps: int = 120
     stage_time_limit: float = 210.0  # seconds per stage at most: a slower machine stops early, still saving
     fresh: bool = False              # regenerate the data and retrain every stage
