@@ -272,8 +272,9 @@ class PrefixCache:
     def update(self, layer: int, k, v):
         """This call's k/v (B, KV, T, hd) after the prefix's: (B, KV, P + T, hd)."""
         B = k.shape[0]
-        return (torch.cat([self.k[layer].expand(B, -1, -1, -1), k], dim=2),
-                torch.cat([self.v[layer].expand(B, -1, -1, -1), v], dim=2))
+        # .to: under autocast the new keys are bf16 while the prefix was stored in the weights' dtype
+        return (torch.cat([self.k[layer].to(k.dtype).expand(B, -1, -1, -1), k], dim=2),
+                torch.cat([self.v[layer].to(v.dtype).expand(B, -1, -1, -1), v], dim=2))
 
     def advance(self, n: int):
         pass  # every call continues from the prefix alone

@@ -548,6 +548,10 @@ def test_llava_prefix_cache_gives_the_same_logits_and_connector_gradients():
     gp = _torch.autograd.grad(part[am[:, 2:].bool()].square().sum(), list(m.connector.parameters()))
     for a, b in zip(gp, gf):
         _torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with _torch.autocast("cpu", dtype=_torch.bfloat16):  # as training runs on CUDA (bf16 autocast)
+        low = m(ids, am, ids == 1, feats, mask, prefix=prefix)
+    assert low.dtype == _torch.bfloat16
+    _torch.testing.assert_close(low.float()[am[:, 2:].bool()], part[am[:, 2:].bool()], atol=0.05, rtol=0.05)
     with _pytest.raises(ValueError, match="start with the prefix"):
         m(ids.flip(1), am, ids == 1, feats, mask, prefix=prefix)
     m.llm.lm_head.weight.requires_grad_(True)
