@@ -61,13 +61,7 @@ VLT_FLAGS = ["--max_steps=8", "--lr=2e-3", "--log_every=1", "--seed=0"]   # 48 c
 IGNORE = -100
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the in-process models are tiny: threads only cost synchronisation (restored afterwards)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, one thread
 
 
 def run(args, rc=0, timeout=300):

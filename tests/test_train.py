@@ -29,13 +29,7 @@ from training import (Dist, ResumableSampler, TrainConfig, capture_train_state, 
                       lr_at, make_optimizer, parse_config, restore_train_state, save_checkpoint, seed_everything)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the toy models are tiny: threads only cost synchronisation (restored for other test files)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, one thread
 
 
 # ============================================================================ toy task
