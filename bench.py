@@ -239,7 +239,7 @@ def bench_vlt_cache(tmp: str, device, quick: bool) -> dict:
     cached word features, against one that decodes the videos and runs the frozen visual
     encoder every step (what training without the cache would do). The one-off cache build
     is timed on its own."""
-    from data import ClipDataset, VideoTransform, build_chat_example, load_rows, synthesize, system_prompt
+    from data import ClipDataset, VideoTransform, chat_prefix_ids, load_rows, synthesize, system_prompt
     from losses import lm_loss
     from model import PrefixCache
     from training import Dist, make_optimizer
@@ -278,8 +278,7 @@ def bench_vlt_cache(tmp: str, device, quick: bool) -> dict:
 
     # train_vlt.py's connector step: the frozen LLM's keys and values of the shared prompt
     # prefix computed once (the same LLM step in both paths; "no prefix" shows what it saves)
-    example = build_chat_example(tok, system, 0)
-    prefix = PrefixCache(model.llm, example["input_ids"][:example["visual_start"]])
+    prefix = PrefixCache(model.llm, chat_prefix_ids(tok, system))
 
     def step(batch, feats, mask, use_prefix=True):
         logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
@@ -289,19 +288,13 @@ def bench_vlt_cache(tmp: str, device, quick: bool) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def epoch_cached():
+    def epoch_cached(use_prefix=True):
+        name = "cached" if use_prefix else "cached, no prefix"
         t0 = time.perf_counter()
         for batch in cached:
-            t0 = clock("cached: data", t0)
-            step(batch, batch["word_features"].to(device), batch["word_mask"].to(device))
-            t0 = clock("cached: LLM step", t0)
-
-    def epoch_cached_no_prefix():
-        t0 = time.perf_counter()
-        for batch in cached:
-            t0 = clock("cached, no prefix: data", t0)
-            step(batch, batch["word_features"].to(device), batch["word_mask"].to(device), use_prefix=False)
-            t0 = clock("cached, no prefix: LLM step", t0)
+            t0 = clock(f"{name}: data", t0)
+            step(batch, batch["word_features"].to(device), batch["word_mask"].to(device), use_prefix)
+            t0 = clock(f"{name}: LLM step", t0)
 
     def epoch_uncached():
         t0 = time.perf_counter()
@@ -316,7 +309,7 @@ def bench_vlt_cache(tmp: str, device, quick: bool) -> dict:
     # no separate warm-up: building the cache ran the encoder over every video, and the
     # median of five drops a slow first epoch (and the batches differ: shuffled, padded)
     repeats = 5
-    t = interleaved({"cached": epoch_cached, "uncached": epoch_uncached, "no_prefix": epoch_cached_no_prefix},
+    t = interleaved({"cached": epoch_cached, "uncached": epoch_uncached, "no_prefix": lambda: epoch_cached(False)},
                     repeats, warmup=0, device=device)
     return dict(**timed_pair(t, "cached", "uncached", n_train), unit="clips/s",
                 baseline_is="decoding videos + the frozen visual encoder every step", cache_build_s=round(cache_s, 2),

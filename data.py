@@ -535,6 +535,13 @@ def system_prompt(language: str = "German", task: bool = True, format: bool = Tr
 _USER_SENTINEL = "@@user-content-slot@@"  # no spaces, so templates that trim leave it whole
 
 
+def chat_prefix_ids(tok, system) -> list:
+    """The token ids every VLT prompt starts with: the system turn and the user header, up to
+    the first visual slot (what a frozen LLM's PrefixCache holds)."""
+    example = build_chat_example(tok, system, 0)
+    return example["input_ids"][:example["visual_start"]]
+
+
 def build_chat_example(tok, system, user, answer=None, visual_slot_id=None) -> dict:
     """Token ids and labels of one chat turn: system, user, and (for training) the answer.
 

@@ -1424,10 +1424,9 @@ class LLaVASLT(nn.Module):
     @staticmethod
     def read_config(folder: str) -> dict:
         path = os.path.join(folder, "config.json")
-        if not os.path.isfile(path):
+        config = _read_json(path)
+        if config is None:
             raise FileNotFoundError(f"{folder}: no config.json; not a LLaVA-SLT folder (train_vlt.py writes one)")
-        with open(path) as f:
-            config = json.load(f)
         if config.get("format") != "llava-slt":
             raise ValueError(f"{path}: not a LLaVA-SLT folder (train_vlt.py writes one with \"format\": \"llava-slt\")")
         for key in ("llm", "visual"):  # stored relative to the folder, so the tree can move

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from data import (ClipDataset, VideoTransform, build_chat_example, collate_clips, collate_vlt, language_of,
-                  load_rows, system_prompt)
+from data import (ClipDataset, VideoTransform, build_chat_example, chat_prefix_ids, collate_clips, collate_vlt,
+                  language_of, load_rows, system_prompt)
 from losses import lm_loss
 from model import LLM, Connector, LLaVASLT, PrefixCache, Tokenizer, apply_lora
 from training import TrainConfig, cli, fit, make_optimizer, parse_config, seed_everything, setup_distributed
@@ -231,9 +231,8 @@ def main(argv):
 
     # Every prompt starts with the same system turn and user header; with the LLM frozen, their
     # keys and values are computed once (PrefixCache), not in every step: about half the
-    # positions of a prompt. Made at the first step, on the training device and under its autocast.
-    example = build_chat_example(tok, system, 0)
-    prefix_ids, prefix = example["input_ids"][:example["visual_start"]], None
+    # positions of a prompt. Made at the first step, once fit has put the model on its device.
+    prefix_ids, prefix = chat_prefix_ids(tok, system), None
 
     def train_step(model, batch):
         nonlocal prefix
