@@ -685,6 +685,7 @@ SYNTH_HAND = 7.0           # hand size (px on the 32-px canvas) before the signe
 SYNTH_SIGN_FRAMES = 10     # frames of one sign at speed 1; a signer's speed maps it to 8..12
 SYNTH_TRANSITION = (3, 4)  # frames of the neutral hand between signs (and before/after the sentence)
 SYNTH_CRF = 10             # libx264 quality; low, since the shapes are a few pixels wide
+SYNTH_X264_PARAMS = "threads=1:lookahead-threads=1:sliced-threads=0:rc-lookahead=0:mbtree=0:log-level=none"
 SYNTH_HELDOUT_CAP = 0.4    # at most this share of a template's combinations goes to dev + test
 SYNTH_PAIR_SHARE = 0.7     # share of gloss-text pairs in the CPT corpus (the rest: plain sentences)
 SYNTH_NOISE_BANK = 256     # noise frames a signer's clips draw from
@@ -1127,12 +1128,17 @@ def plan_synthetic(seed: int = 0, n_train: int = 3000, n_dev: int = 200, n_test:
 
 def _write_mp4(path, frames: np.ndarray, fps: int = SYNTH_FPS, crf: int = SYNTH_CRF) -> None:
     """(T, H, W, 3) uint8 -> H.264 mp4 in yuv444p (yuv420p halves the chroma resolution and
-    smears shapes a few pixels wide). One encoder thread: the output does not depend on the machine's cores."""
+    smears shapes a few pixels wide).
+
+    The same frames must give the same bytes in any process, whatever it encoded before:
+    one thread (no dependence on the machine's cores), and no lookahead and no macroblock
+    tree (`rc-lookahead=0:mbtree=0`). With x264's lookahead on, about one clip in ten of a
+    long run in one process came out different from a fresh process, even single-threaded."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv444p"
-        stream.options = {"crf": str(crf), "preset": "veryfast", "x264-params": "threads=1:log-level=none"}
+        stream.options = {"crf": str(crf), "preset": "veryfast", "x264-params": SYNTH_X264_PARAMS}
         for f in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
         container.mux(stream.encode())
@@ -1241,7 +1247,7 @@ def _meta(plan: dict, seed: int, size: int, n_frames: list) -> dict:
                    "mean_frames_per_clip": round(float(np.mean(n_frames)), 3) if n_frames else 0.0,
                    "total_frames": int(np.sum(n_frames))},
         "signers": [{k: list(v) if isinstance(v, tuple) else v for k, v in vars(s).items()} for s in plan["signers"]],
-        "video": {"codec": "libx264", "pix_fmt": "yuv444p", "crf": SYNTH_CRF},
+        "video": {"codec": "libx264", "pix_fmt": "yuv444p", "crf": SYNTH_CRF, "x264_params": SYNTH_X264_PARAMS},
     }
 
 
