@@ -282,19 +282,29 @@ def _row(id, video, text, gloss=None, signer=None) -> dict:
     return {"id": str(id), "video": str(video), "text": text, "gloss": gloss, "signer": signer}
 
 
+def _text_lines(path: Path, what: str = "row"):
+    """(line number, text) of a UTF-8 text file; a line that is not UTF-8 names its number."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} {what} {n}: not UTF-8 (byte {raw[e.start:e.start + 1]!r} at column "
+                                f"{e.start + 1}); save the file as UTF-8") from None
+
+
 def _jsonl(path: Path):
     """(row number, object) for each non-empty line of a jsonl file; bad lines name their row."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} row {n}: bad json ({e.msg}); write one JSON object per line") from None
-            if not isinstance(r, dict):
-                raise DataError(f"{path} row {n}: expected a JSON object, got {type(r).__name__}")
-            yield n, r
+    for n, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} row {n}: bad json ({e.msg}); write one JSON object per line") from None
+        if not isinstance(r, dict):
+            raise DataError(f"{path} row {n}: expected a JSON object, got {type(r).__name__}")
+        yield n, r
 
 
 def read_manifest(path, check_files: bool = True) -> list:
@@ -334,7 +344,7 @@ def _read_table(path: Path, need, kind: str):
     """'|'-separated file with a header line -> (header column index, [(line number, fields)])."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: {kind} file not found; check the dataset root")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = [line.rstrip("\r\n") for _, line in _text_lines(path, "line")]
     header = [c.strip().lower() for c in lines[0].split("|")] if lines else []
     missing = [c for c in need if c not in header]
     if missing:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from data import (ClipDataset, VideoTransform, build_chat_example, collate_clips, collate_vlt, language_of,
                   load_rows, read_video, sample_indices)
+from hf import checkpoint_folder, read_json
 from model import LLM, Connector, LLaVASLT, LLMConfig, Tokenizer
 from training import cli, parse_config, resolve_device, seed_everything
 from vision import VCPConfig, VCPModel
@@ -129,10 +130,9 @@ class EvalConfig:
 def load_untrained(folder: str, device) -> LLaVASLT:
     """The checkpoint's architecture with fresh weights (the tokenizer is kept)."""
     config = LLaVASLT.read_config(folder)
-    with open(os.path.join(config["llm"], "config.json")) as f:
-        llm = LLM(LLMConfig.from_hf(json.load(f)))
-    with open(os.path.join(config["visual"], "config.json")) as f:
-        visual = VCPModel(dataclasses.replace(VCPConfig.from_dict(json.load(f)), vit_path=""))
+    llm = LLM(LLMConfig.from_hf(read_json(os.path.join(config["llm"], "config.json"))))
+    visual = VCPModel(dataclasses.replace(VCPConfig.from_dict(read_json(os.path.join(config["visual"], "config.json"))),
+                                          vit_path=""))
     model = LLaVASLT(llm, Connector(config["visual_dim"], llm.config.hidden_size, config["connector"]), visual,
                      config["visual_tokens"])
     model.config = config
@@ -170,6 +170,14 @@ def main(argv):
     # a 7B LLM in fp32 needs 28 GB and runs at half the speed; bf16 is what it was trained in
     dtype = getattr(torch, "bfloat16" if device.type == "cuda" else "float32") if cfg.dtype == "auto" \
         else getattr(torch, cfg.dtype)
+    # the outputs are checked before the work, not after translating a whole split
+    predictions = cfg.predictions or os.path.join(checkpoint_folder(cfg.checkpoint), f"predictions_{cfg.split}.jsonl")
+    for flag, path in (("--predictions", predictions if cfg.data else ""), ("--json", cfg.json)):
+        if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))
+                     or not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)
+                     or (os.path.exists(path) and not os.access(path, os.W_OK))):
+            raise ValueError(f"{flag}={path}: cannot write a file there (a folder, a missing or read-only "
+                             "parent folder); give a file path")
     seed_everything(cfg.seed)
     model = (load_untrained(cfg.checkpoint, device) if cfg.untrained
              else LLaVASLT.load(cfg.checkpoint, VCPModel.load, dtype=dtype, device=device)).to(device, dtype)
@@ -196,7 +204,7 @@ def main(argv):
         refs += batch["texts"]
         ids += batch["ids"]
     scores = score(hyps, refs, level)
-    path = cfg.predictions or os.path.join(cfg.checkpoint, f"predictions_{cfg.split}.jsonl")
+    path = predictions
     with open(path, "w", encoding="utf-8") as f:
         for i, h, r in zip(ids, hyps, refs):
             f.write(json.dumps({"id": i, "hypothesis": h, "reference": r}, ensure_ascii=False) + "\n")

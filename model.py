@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hf import checkpoint_folder, file_sha256, read_json, read_safetensors
+
 IGNORE_INDEX = -100  # LLaVA's convention: labels that take no loss
 
 
@@ -470,12 +472,12 @@ class LLM(nn.Module):
         errors that name the file and the key.
         """
         dtype = _dtype(dtype)
+        folder = checkpoint_folder(folder)  # a CPT save cut by a kill: its last whole checkpoint
         config_path = os.path.join(folder, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{folder}: no config.json; an LLM folder holds config.json and model.safetensors "
                                     "(or model-*.safetensors shards with model.safetensors.index.json)")
-        with open(config_path) as f:
-            config = LLMConfig.from_hf(json.load(f), source=config_path)
+        config = LLMConfig.from_hf(read_json(config_path), source=config_path)
         key_files, missing_source = _checkpoint_keys(folder)
         with torch.device("meta"):
             llm = cls(config)
@@ -516,8 +518,7 @@ class LLM(nn.Module):
         llm.tie_weights()
         gen_path = os.path.join(folder, "generation_config.json")
         if os.path.isfile(gen_path):
-            with open(gen_path) as f:
-                llm.generation_config = json.load(f)
+            llm.generation_config = read_json(gen_path)
             if llm.generation_config.get("eos_token_id") is not None:
                 llm.generation_eos_ids = _eos_list(llm.generation_config["eos_token_id"])
         return llm.eval()
@@ -728,8 +729,7 @@ def _checkpoint_keys(folder: str):
     index_path = os.path.join(folder, "model.safetensors.index.json")
     single = os.path.join(folder, "model.safetensors")
     if os.path.isfile(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f).get("weight_map")
+        weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"checkpoint {index_path}: no weight_map")
         for name in sorted(set(weight_map.values())):
@@ -864,17 +864,15 @@ def save_lora(module: nn.Module, folder: str):
 
 def load_lora(module: nn.Module, folder: str) -> nn.Module:
     """Apply adapters saved by `save_lora` (wrapping the target layers first if needed)."""
-    from safetensors.torch import load_file
     path = os.path.join(folder, "adapter_model.safetensors")
     cfg_path = os.path.join(folder, "adapter_config.json")
     for p in (path, cfg_path):
         if not os.path.exists(p):
             raise FileNotFoundError(f"{p}: not found; an adapter folder holds adapter_model.safetensors and adapter_config.json")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg = read_json(cfg_path)
     if not any(isinstance(m, LoRALinear) for m in module.modules()):
         apply_lora(module, cfg["target_modules"], cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0))
-    tensors = {k.removeprefix("base_model.model."): v for k, v in load_file(path).items()}
+    tensors = {k.removeprefix("base_model.model."): v for k, v in read_safetensors(path).items()}
     copy_strict(lora_parameters(module), tensors, path)
     return module
 
@@ -920,13 +918,7 @@ _COMPILED_TEMPLATES = {}
 
 
 def _read_json(path: str):
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path) if os.path.isfile(path) else None
 
 
 def _token_str(value, key: str, path: str):
@@ -1064,6 +1056,7 @@ class Tokenizer:
     # -------------------------------------------------------------- loading and saving
     @classmethod
     def from_pretrained(cls, folder: str) -> "Tokenizer":
+        folder = checkpoint_folder(folder)
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{folder}: no tokenizer.json; put the checkpoint's tokenizer.json "
@@ -1329,7 +1322,7 @@ class Connector(nn.Module):
 # ----------------------------------------------------------------------------- LLaVASLT
 # Section 3.3 / Fig. 2 right: the connector output is inserted into the user turn of the
 # chat template, "concatenating them with text token embeddings as the overall input".
-# The visual encoder is passed in (model.py imports nothing of ours).
+# The visual encoder is passed in (model.py does not import vision.py).
 
 class LLaVASLT(nn.Module):
     """Connector + LLM (+ the visual encoder when it is tuned too). Prompts hold `slot_mask`
@@ -1422,7 +1415,10 @@ class LLaVASLT(nn.Module):
         return first.in_features, self.llm.config.hidden_size
 
     @staticmethod
-    def read_config(folder: str) -> dict:
+    def read_config(folder: str, check_visual: bool = True) -> dict:
+        """config.json with the LLM and visual folders resolved; check_visual: refuse when the
+        visual encoder the connector was trained on changed since (its recorded sha256)."""
+        folder = checkpoint_folder(folder)  # a save cut by a kill: its last whole checkpoint
         path = os.path.join(folder, "config.json")
         config = _read_json(path)
         if config is None:
@@ -1430,16 +1426,23 @@ class LLaVASLT(nn.Module):
         if config.get("format") != "llava-slt":
             raise ValueError(f"{path}: not a LLaVA-SLT folder (train_vlt.py writes one with \"format\": \"llava-slt\")")
         for key in ("llm", "visual"):  # stored relative to the folder, so the tree can move
-            config[key] = os.path.normpath(os.path.join(folder, config[key]))
+            config[key] = checkpoint_folder(os.path.join(folder, config[key]))
         if os.path.isdir(os.path.join(folder, "visual")):
             config["visual"] = os.path.join(folder, "visual")
+        elif check_visual and config.get("visual_sha256"):
+            weights = os.path.join(config["visual"], "model.safetensors")
+            if os.path.isfile(weights) and file_sha256(weights) != config["visual_sha256"]:
+                raise ValueError(f"{weights}: the visual encoder changed since {folder} was trained on it "
+                                 "(another sha256); train the connector again on this encoder, or restore "
+                                 "the encoder it was trained on")
+        config["folder"] = folder
         return config
 
     @classmethod
     def load(cls, folder: str, load_visual, dtype=torch.float32, device="cpu") -> "LLaVASLT":
-        """load_visual(folder) -> the visual encoder (vision.VCPModel.load); model.py imports nothing of ours."""
-        from safetensors.torch import load_file
+        """load_visual(folder) -> the visual encoder (vision.VCPModel.load); model.py does not import vision.py."""
         config = cls.read_config(folder)
+        folder = config["folder"]
         llm = LLM.from_pretrained(config["llm"], dtype=dtype, device=device)
         if os.path.isdir(os.path.join(folder, "llm_adapter")):
             load_lora(llm, os.path.join(folder, "llm_adapter"))
@@ -1447,7 +1450,7 @@ class LLaVASLT(nn.Module):
         path = os.path.join(folder, "connector.safetensors")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: not found; the folder holds no trained connector")
-        copy_strict(connector.state_dict(), load_file(path), path)
+        copy_strict(connector.state_dict(), read_safetensors(path), path)
         model = cls(llm, connector.to(device=device, dtype=dtype), load_visual(config["visual"]),
                     config["visual_tokens"])
         model.config = config

@@ -22,7 +22,8 @@ import torch
 from data import build_chat_example, collate_vlt, pack_blocks, read_corpus, system_prompt
 from losses import lm_loss
 from model import LLM, LLMConfig, Tokenizer, apply_lora
-from training import TrainConfig, cli, fit, make_optimizer, parse_config, seed_everything, setup_distributed
+from training import (TrainConfig, check_not_input, cli, fit, make_optimizer, parse_config, seed_everything,
+                      setup_distributed)
 
 
 @dataclass
@@ -93,6 +94,7 @@ def main(argv):
     cfg = parse_config(CPTConfig, argv)
     if not cfg.corpus:
         raise ValueError("--corpus is required: a jsonl file of {\"text\"} or {\"gloss\", \"text\"} rows")
+    check_not_input(cfg.out, corpus=cfg.corpus, init=cfg.init)
     dist = setup_distributed(cfg.device)
     seed_everything(cfg.seed)  # the same fresh weights on every rank
 
@@ -120,7 +122,7 @@ def main(argv):
     def save(folder):  # a Hugging Face folder; LoRA is merged into the weights on the way out
         llm.save_pretrained(folder, tokenizer=tok)
 
-    fit(llm, train_step, dataset, optimizer, cfg, dist, unit="tokens", save_fn=save,
+    fit(llm, train_step, dataset, optimizer, cfg, dist, unit="tokens", save_fn=save, stage="cpt",
         collate_fn=lambda ex: collate_vlt(ex, tok.pad_token_id))
     dist.log(f"saved {cfg.out}")
 

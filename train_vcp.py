@@ -22,9 +22,11 @@ from dataclasses import dataclass
 import torch
 
 from data import ClipDataset, VideoTransform, collate_clips, language_of, load_rows
+from hf import checkpoint_folder, read_safetensors
 from losses import clip_loss, signcl_loss
 from model import Tokenizer
-from training import TrainConfig, cli, fit, make_optimizer, parse_config, seed_everything, setup_distributed
+from training import (TrainConfig, check_not_input, cli, fit, make_optimizer, parse_config, seed_everything,
+                      setup_distributed)
 from vision import HierarchicalConfig, TextEncoder, TextEncoderConfig, VCPConfig, VCPModel, ViTConfig
 
 LANG_CODES = {"German": "de_DE", "Chinese": "zh_CN"}  # mBART's language codes
@@ -81,13 +83,15 @@ def text_encoder_from_llm(folder: str) -> TextEncoder:
     Sentences sharing words land close together, which a random frozen encoder does not give.
     It is an mBART-format encoder with no layers, so the rest of the pipeline is unchanged.
     """
-    from safetensors import safe_open
+    folder = checkpoint_folder(folder)
     tok = Tokenizer.from_pretrained(folder)
     backend = tok.backend
     backend.add_special_tokens(["</s>", *LANG_CODES.values()])
     path = os.path.join(folder, "model.safetensors")
-    with safe_open(path, framework="pt") as f:
-        embed = f.get_tensor("model.embed_tokens.weight").float()  # (V, D)
+    embed = read_safetensors(path, keep=lambda k: k == "model.embed_tokens.weight").get("model.embed_tokens.weight")
+    if embed is None:
+        raise ValueError(f"{path}: no model.embed_tokens.weight; --text_from_llm takes a Qwen2/Llama folder")
+    embed = embed.float()  # (V, D)
     cfg = TextEncoderConfig(vocab_size=backend.get_vocab_size(with_added_tokens=True), d_model=embed.shape[1],
                             encoder_layers=0, encoder_attention_heads=1, encoder_ffn_dim=embed.shape[1],
                             max_position_embeddings=512, scale_embedding=False, pad_token_id=tok.pad_token_id,
@@ -130,6 +134,8 @@ def main(argv):
         raise ValueError("--data is required: a manifest folder, a Phoenix-2014T root or a CSL-Daily root")
     if bool(cfg.text_encoder) == bool(cfg.text_from_llm):
         raise ValueError("give exactly one of --text_encoder (an mBART folder) and --text_from_llm (an LLM folder)")
+    check_not_input(cfg.out, data=cfg.data, text_encoder=cfg.text_encoder, text_from_llm=cfg.text_from_llm,
+                    vit=cfg.vit)
     dist = setup_distributed(cfg.device)
     seed_everything(cfg.seed)  # the same initial weights on every rank
 
@@ -174,7 +180,7 @@ def main(argv):
 
     # drop_last: the CLIP loss needs the same batch on every rank, and a batch of one pair learns nothing
     fit(model, train_step, dataset, optimizer, cfg, dist, collate_fn=collate_clips, save_fn=save,
-        unit="clips", drop_last=True)
+        unit="clips", drop_last=True, stage="vcp")
     dist.log(f"saved {cfg.out}")
 
 

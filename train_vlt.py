@@ -24,9 +24,11 @@ import torch
 
 from data import (ClipDataset, VideoTransform, build_chat_example, chat_prefix_ids, collate_clips, collate_vlt,
                   language_of, load_rows, system_prompt)
+from hf import checkpoint_folder, file_sha256, read_json, read_safetensors, safetensors_metadata
 from losses import lm_loss
 from model import LLM, Connector, LLaVASLT, PrefixCache, Tokenizer, apply_lora
-from training import TrainConfig, cli, fit, make_optimizer, parse_config, seed_everything, setup_distributed
+from training import (TrainConfig, check_not_input, cli, fit, make_optimizer, parse_config, seed_everything,
+                      setup_distributed)
 from vision import VCPModel
 
 
@@ -66,26 +68,37 @@ def prompt_system(cfg: VLTConfig, language: str) -> str:
 # The frozen visual encoder sees every clip once (eval transform); its features are stored
 # per clip id with a fingerprint of what made them, and rebuilt when that changes.
 
+def _video_stamp(path: str) -> list:
+    """What changes when a clip is regenerated or re-encoded in place: an mp4's size and
+    modification time; a frame folder's file count and the first and last frames' size and time."""
+    st = os.stat(path)
+    if not os.path.isdir(path):
+        return [st.st_size, st.st_mtime_ns]
+    names = sorted(os.listdir(path))
+    ends = [os.stat(os.path.join(path, n)) for n in names[:1] + names[-1:]]
+    return [len(names), st.st_mtime_ns] + [x for e in ends for x in (e.st_size, e.st_mtime_ns)]
+
+
 def fingerprint(vcp_folder: str, rows, visual_tokens: str) -> str:
     h = hashlib.sha256()
-    with open(os.path.join(vcp_folder, "model.safetensors"), "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
+    h.update(file_sha256(os.path.join(vcp_folder, "model.safetensors")).encode())
     with open(os.path.join(vcp_folder, "config.json"), "rb") as f:
         h.update(f.read())  # holds the frame preprocessing (size, resize, max_frames, stride)
     h.update(visual_tokens.encode())
-    h.update(json.dumps([(r["id"], str(r["video"])) for r in rows]).encode())
+    h.update(json.dumps([(r["id"], str(r["video"]), _video_stamp(str(r["video"]))) for r in rows]).encode())
     return h.hexdigest()
 
 
 @torch.no_grad()
 def build_cache(path, model: LLaVASLT, rows, dist, batch_size, num_workers, key):
     """{clip id: (N, D) visual tokens} in one safetensors file; rank 0 writes, the others wait."""
-    from safetensors.torch import load_file, safe_open, save_file
+    from safetensors.torch import save_file
     fresh = False
     if dist.is_main and os.path.isfile(path):  # rank 0 decides: every rank meets in the barrier below
-        with safe_open(path, framework="pt") as f:
-            fresh = (f.metadata() or {}).get("fingerprint") == key
+        try:
+            fresh = safetensors_metadata(path).get("fingerprint") == key
+        except ValueError:  # a corrupt cache is rebuilt like a stale one
+            pass
         dist.log(f"word features: using the cache {path}" if fresh
                  else f"word features: {path} was made by another encoder or data; rebuilding it")
     if dist.is_main and not fresh:
@@ -107,9 +120,10 @@ def build_cache(path, model: LLaVASLT, rows, dist, batch_size, num_workers, key)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
         save_file(features, tmp, metadata={"fingerprint": key})
+        os.chmod(tmp, 0o644)  # safetensors writes 0600; teammates read the cache too
         os.replace(tmp, path)  # atomic: a half-written cache is never read
     dist.barrier()
-    return load_file(path)
+    return read_safetensors(path)
 
 
 class CachedVLTDataset(torch.utils.data.Dataset):
@@ -167,6 +181,8 @@ def main(argv):
         raise ValueError("--data is required: a manifest folder, a Phoenix-2014T root or a CSL-Daily root")
     if cfg.visual_tokens not in ("word", "sentence"):
         raise ValueError(f"--visual_tokens={cfg.visual_tokens}: expected word or sentence")
+    cache_dir = cfg.cache or os.path.normpath(cfg.out) + "_cache"
+    check_not_input(cfg.out, data=cfg.data, cpt=cfg.cpt, vcp=cfg.vcp, init=cfg.init, cache=cache_dir)
     dist = setup_distributed(cfg.device)
     seed_everything(cfg.seed)
     rows = load_rows(cfg.data, cfg.split)
@@ -178,6 +194,7 @@ def main(argv):
     if cfg.init:
         model = LLaVASLT.load(cfg.init, VCPModel.load, dtype=dtype)
         cpt, vcp = model.config["llm"], model.config["visual"]
+        check_not_input(cfg.out, **{"init's LLM": cpt, "init's visual encoder": vcp})
         if model.visual_tokens != cfg.visual_tokens:
             raise ValueError(f"--visual_tokens={cfg.visual_tokens} but {cfg.init} was trained with {model.visual_tokens}")
     else:
@@ -217,10 +234,9 @@ def main(argv):
         collate = lambda items: collate_video(items, tok.pad_token_id)  # noqa: E731
     else:
         model.visual_encoder.to(dist.device)
-        cache_dir = cfg.cache or os.path.normpath(cfg.out) + "_cache"
         path = os.path.join(cache_dir, f"{cfg.split}-{cfg.visual_tokens}.safetensors")
         features = build_cache(path, model, rows, dist, cfg.batch_size, cfg.num_workers,
-                               fingerprint(vcp, rows, cfg.visual_tokens))
+                               fingerprint(checkpoint_folder(vcp), rows, cfg.visual_tokens))
         dataset = CachedVLTDataset(rows, features, tok, system)
         collate = lambda items: collate_cached(items, tok.pad_token_id)  # noqa: E731
         model.visual_encoder = None  # not needed while training on the cache; saved by path
@@ -249,13 +265,21 @@ def main(argv):
         return loss * n, n
 
     settings = {"language": language, "prompt": cfg.prompt, "system": system}
+    if not cfg.full_tune:  # the connector is only good for this encoder: eval and --init check it
+        settings["visual_sha256"] = file_sha256(os.path.join(checkpoint_folder(vcp), "model.safetensors"))
+        saved = os.path.join(checkpoint_folder(cfg.out), "config.json")
+        if cfg.resume and os.path.isfile(saved) and read_json(saved).get("visual_sha256") not in (
+                None, settings["visual_sha256"]):
+            raise ValueError(f"--resume: {cfg.out} was trained on another visual encoder than {vcp} holds now "
+                             "(another sha256); start a new --out, or restore that encoder")
     inner = model
 
     def save(folder):
         inner.save(folder, cpt, vcp, settings,
                    save_visual=inner.visual_encoder.save if cfg.full_tune else None)
 
-    fit(model, train_step, dataset, optimizer, cfg, dist, collate_fn=collate, save_fn=save, unit="tokens")
+    fit(model, train_step, dataset, optimizer, cfg, dist, collate_fn=collate, save_fn=save, unit="tokens",
+        stage="vlt")
     dist.log(f"saved {cfg.out}")
 
 

@@ -77,10 +77,11 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
-from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import save_file, save_model
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from hf import RUN_MARKER, checkpoint_folder, is_ours, read_json, read_safetensors
 from model import copy_strict
 
 
@@ -109,7 +110,9 @@ class TrainConfig:
     precision: str = "auto"              # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     seed: int = 0
     log_every: int = 10                  # steps between log lines / metrics.jsonl rows
-    save_every: int = 0                  # steps between checkpoints; 0: at the end only
+    save_every: int = 0                  # steps between checkpoints; 0: by time only (and at the end)
+    save_every_minutes: float = 30.0     # wall-clock minutes between checkpoints; 0: by steps only
+    max_nonfinite_steps: int = 20        # non-finite losses/gradients in a row (each skipped) before stopping
     resume: bool = False                 # continue from the checkpoint in `out`, if there is one
     time_limit: Optional[float] = None   # seconds of training, then save and stop
     num_workers: int = 0                 # DataLoader worker processes
@@ -118,10 +121,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision={self.precision}: expected one of {', '.join(PRECISIONS)}")
-        for name in ("batch_size", "grad_accum", "log_every"):
+        for name in ("batch_size", "grad_accum", "log_every", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)}: must be at least 1")
-        for name in ("epochs", "max_steps", "save_every", "num_workers", "max_grad_norm"):
+        for name in ("epochs", "max_steps", "save_every", "save_every_minutes", "num_workers", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name}={getattr(self, name)}: must not be negative")
         if not 0.0 < self.pct_start < 1.0:
@@ -277,15 +280,20 @@ def config_from_dict(cls, d: dict):
 
 def cli(main: Callable, argv: Optional[list] = None):
     """Run `main(argv)` as a command: a user error (ValueError, FileNotFoundError, KeyError
-    raised at a boundary) prints one line `error: ...` and exits 1 instead of a traceback.
-    LLAVA_SLT_DEBUG=1 shows the traceback. The process group, if any, is torn down."""
+    raised at a boundary, FloatingPointError of a diverged run) prints one line `error: ...`
+    and exits 1 instead of a traceback. LLAVA_SLT_DEBUG=1 shows the traceback. The process
+    group, if any, is torn down."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         main(argv)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, FloatingPointError) as e:
         if os.environ.get("LLAVA_SLT_DEBUG"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)   # KeyError's str() adds quotes
+        if "\nOriginal Traceback" in msg:
+            # raised in a DataLoader worker: torch re-raises it with the worker's traceback in the
+            # message; its last line is the error itself ("module.Error: message")
+            msg = msg.rstrip().splitlines()[-1].split(": ", 1)[-1]
         print(f"error: {msg}", file=sys.stderr, flush=True)
         raise SystemExit(1)
     finally:
@@ -554,7 +562,8 @@ def to_device(batch, device):
 
 # ----------------------------------------------------------------------------- checkpoints
 # A checkpoint is a folder: the stage's weights (`model.safetensors` or whatever the script's
-# writer puts there), `config.json`, and `train_state/` for resuming:
+# writer puts there), `config.json`, `llava_slt_run.json` (the marker: which stage wrote the
+# folder and which names in it are the run's) and `train_state/` for resuming:
 #   state.json            step, sampler (epoch, position, world_size), GradScaler, optimizer
 #                         param_groups, python/numpy RNG per rank, extra (the training config)
 #   optimizer.safetensors state.{param_index}.{exp_avg|exp_avg_sq|step}
@@ -562,19 +571,23 @@ def to_device(batch, device):
 #   trainable.safetensors every parameter that requires grad, by name (what resume loads back)
 # It is written to FOLDER.tmp-XXXX beside the target; then FOLDER -> FOLDER.old,
 # FOLDER.tmp-XXXX -> FOLDER, FOLDER.old removed. A kill at any moment leaves either FOLDER or
-# only FOLDER.old whole; `recover_checkpoint` puts the latter back. Nothing is pickled.
+# only FOLDER.old whole: readers then read FOLDER.old (`hf.checkpoint_folder`), training puts
+# it back (`recover_checkpoint`). Nothing is pickled. A user's folder (no marker) is never
+# replaced, and a user's file put into one of ours is carried into every new save.
 
 TRAIN_STATE = "train_state"
 FORMAT = 1
+KEEP = ("metrics.jsonl",)  # written by `fit` straight into the folder, between saves: every save keeps it
 
 
 def recover_checkpoint(folder: str):
     """Finish what a save interrupted by a crash left: FOLDER.old without FOLDER is the
     previous checkpoint, whole (renamed back); FOLDER.old beside FOLDER is a leftover
-    (removed); FOLDER.tmp-* are unfinished writes (removed)."""
+    (removed); FOLDER.tmp-* are unfinished writes (removed). Only folders a run of ours wrote
+    (the marker; an unfinished write may also be empty) are touched."""
     folder = os.path.normpath(folder)
     old = folder + ".old"
-    if os.path.isdir(old):
+    if is_ours(old):
         if os.path.isdir(folder):
             shutil.rmtree(old)
         else:
@@ -582,33 +595,71 @@ def recover_checkpoint(folder: str):
     parent, base = os.path.dirname(folder) or ".", os.path.basename(folder)
     if os.path.isdir(parent):
         for name in os.listdir(parent):
-            if name.startswith(base + ".tmp-"):
-                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            path = os.path.join(parent, name)
+            if name.startswith(base + ".tmp-") and os.path.isdir(path) and (is_ours(path) or not os.listdir(path)):
+                shutil.rmtree(path, ignore_errors=True)
 
 
-def _is_replaceable(folder: str) -> bool:
-    """A folder a save may replace: missing, empty, or one that training wrote."""
-    if not os.path.exists(folder):
-        return True
-    if not os.path.isdir(folder):
-        return False
-    names = os.listdir(folder)
-    return not names or any(n == TRAIN_STATE or n == "metrics.jsonl" or n.endswith(".safetensors") for n in names)
+def _marker(folder: str) -> Optional[dict]:
+    path = os.path.join(folder, RUN_MARKER)
+    return read_json(path) if os.path.isfile(path) else None
 
 
-def _cpu_tensors(tensors: dict) -> dict:
-    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+def check_out(folder: str, stage: str, flag: str = "--out"):
+    """Refuse, with one line, an output folder that a save of `stage` may not replace: a file,
+    a user's non-empty folder (no marker), another stage's output, or a user's FOLDER.old."""
+    folder = os.path.normpath(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{flag}={folder}: is a file; give a folder")
+    marker = _marker(folder) if os.path.isdir(folder) else None
+    if os.path.isdir(folder) and os.listdir(folder) and marker is None:
+        raise ValueError(f"{flag}={folder}: exists and was not written by a llava-slt run (no {RUN_MARKER}); "
+                         "nothing in it is replaced: choose another folder")
+    if marker is not None and marker.get("stage") != stage:
+        raise ValueError(f"{flag}={folder}: holds the output of a {marker.get('stage')} run, this is {stage}; "
+                         "choose another folder")
+    old = folder + ".old"
+    if os.path.exists(old) and not is_ours(old):
+        raise ValueError(f"{old}: exists and was not written by a llava-slt run; a save renames {folder} "
+                         "there for a moment: move it away")
 
 
-def _fsync_tree(folder: str):
-    """Data on disk before the rename publishes it (a power cut, not only a kill, stays safe)."""
-    for root, _, files in os.walk(folder):
+def check_not_input(out: str, **inputs):
+    """Refuse an output folder that is also one of the run's inputs (or holds one): its first
+    save would replace what the run reads. inputs: {flag name: path or ""}."""
+    out_real = os.path.realpath(out)
+    for name, path in inputs.items():
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        if real == out_real or real.startswith(out_real + os.sep):
+            raise ValueError(f"--out={out} is also where --{name}={path} is read from; a run never writes "
+                             "over its inputs: choose another --out")
+
+
+def _publish_tree(folder: str):
+    """Modes from the umask (mkdtemp makes 0700, safetensors 0600: teammates could not read the
+    checkpoint), and data on disk before the rename publishes it (a power cut stays safe)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            path = os.path.join(root, name)
+            os.chmod(path, 0o666 & ~umask)
+            fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def _write_json(path: str, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
 
 
 def _write_train_state(path: str, state: dict):
@@ -630,64 +681,66 @@ def _write_train_state(path: str, state: dict):
         rng_json.append({"numpy": s["numpy"], "python": s["python"]})
     save_file(_cpu_tensors(rng_tensors), os.path.join(path, "rng.safetensors"))
     save_file(_cpu_tensors(state["trainable"]), os.path.join(path, "trainable.safetensors"))
-    meta = {"format": FORMAT, "step": state["step"], "world_size": state["world_size"],
-            "sampler": state["sampler"], "scaler": state.get("scaler"),
-            "optimizer": {"param_groups": opt["param_groups"], "other_state": opt_other},
-            "rng": rng_json, "extra": state.get("extra", {})}
-    with open(os.path.join(path, "state.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    _write_json(os.path.join(path, "state.json"), {
+        "format": FORMAT, "step": state["step"], "world_size": state["world_size"], "sampler": state["sampler"],
+        "scaler": state.get("scaler"), "optimizer": {"param_groups": opt["param_groups"], "other_state": opt_other},
+        "rng": rng_json, "extra": state.get("extra", {})})
 
 
-def _read_file(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: missing; the checkpoint is incomplete or was not written by training.fit")
-    return load_file(path)
+def _cpu_tensors(tensors: dict) -> dict:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
 def _read_train_state(path: str) -> dict:
     meta_path = os.path.join(path, "state.json")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{meta_path}: missing; the checkpoint holds no resume state")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = read_json(meta_path, "resume state")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: format {meta.get('format')}, this code reads format {FORMAT}")
     state = {}
-    for key, v in _read_file(os.path.join(path, "optimizer.safetensors")).items():
+    for key, v in read_safetensors(os.path.join(path, "optimizer.safetensors")).items():
         _, idx, name = key.split(".", 2)
         state.setdefault(int(idx), {})[name] = v
     for key, v in meta["optimizer"]["other_state"].items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = v
     groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["optimizer"]["param_groups"]]
-    rng_tensors = _read_file(os.path.join(path, "rng.safetensors"))
+    rng_tensors = read_safetensors(os.path.join(path, "rng.safetensors"))
     rng = [dict(s, torch=rng_tensors[f"rank{r}.torch"], cuda=rng_tensors.get(f"rank{r}.cuda"))
            for r, s in enumerate(meta["rng"])]
     return {"step": meta["step"], "world_size": meta["world_size"], "sampler": meta["sampler"],
             "scaler": meta["scaler"], "optimizer": {"state": state, "param_groups": groups}, "rng": rng,
-            "trainable": _read_file(os.path.join(path, "trainable.safetensors")), "extra": meta["extra"],
+            "trainable": read_safetensors(os.path.join(path, "trainable.safetensors")), "extra": meta["extra"],
             "path": path}
+
+
+def _copy_entry(src: str, dst: str):
+    if os.path.isdir(src) and not os.path.islink(src):
+        shutil.copytree(src, dst, symlinks=True)
+    else:
+        shutil.copy2(src, dst, follow_symlinks=False)
 
 
 def save_checkpoint(folder: str, tensors: Optional[dict] = None, config: Optional[dict] = None,
                     train_state: Optional[dict] = None, write: Optional[Callable[[str], None]] = None,
-                    keep=("metrics.jsonl",)):
+                    stage: str = "train"):
     """Write a checkpoint folder atomically (see above).
 
     tensors -> model.safetensors; config -> config.json; write(tmp_folder) adds the script's
     own files (e.g. `model.save`, a Hugging Face folder), after config.json so it may replace
-    it; train_state (from `capture_train_state`) -> train_state/. Files named in `keep` that
-    the old folder has and the new one lacks are carried over (the metrics log).
-    Call on one process only (rank 0).
+    it; train_state (from `capture_train_state`) -> train_state/. What the old folder holds
+    beyond what the previous save wrote (metrics.jsonl, a user's notes, eval's predictions)
+    is copied into the new one. Call on one process only (rank 0).
     """
     folder = os.path.normpath(folder)
     parent = os.path.dirname(folder) or "."
     os.makedirs(parent, exist_ok=True)
     recover_checkpoint(folder)
-    if not _is_replaceable(folder):
-        raise ValueError(f"{folder}: exists and holds no checkpoint; refusing to replace it (choose another --out)")
+    check_out(folder, stage)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=parent)
     try:
+        _write_json(os.path.join(tmp, RUN_MARKER), {"stage": stage, "files": []})  # ours, even if cut short
         if tensors is not None:
             save_file(_cpu_tensors(tensors), os.path.join(tmp, "model.safetensors"))
         if config is not None:
@@ -697,11 +750,13 @@ def save_checkpoint(folder: str, tensors: Optional[dict] = None, config: Optiona
             write(tmp)
         if train_state is not None:
             _write_train_state(os.path.join(tmp, TRAIN_STATE), train_state)
-        for name in keep:
-            src, dst = os.path.join(folder, name), os.path.join(tmp, name)
-            if os.path.isfile(src) and not os.path.exists(dst):
-                shutil.copy2(src, dst)
-        _fsync_tree(tmp)
+        written = sorted(set(os.listdir(tmp)) - {RUN_MARKER})
+        previous = (_marker(folder) or {}).get("files", []) if os.path.isdir(folder) else []
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            if name not in written and name != RUN_MARKER and (name in KEEP or name not in previous):
+                _copy_entry(os.path.join(folder, name), os.path.join(tmp, name))
+        _write_json(os.path.join(tmp, RUN_MARKER), {"stage": stage, "files": sorted(set(written) | set(KEEP))})
+        _publish_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -715,18 +770,14 @@ def save_checkpoint(folder: str, tensors: Optional[dict] = None, config: Optiona
 
 def load_checkpoint(folder: str) -> dict:
     """{"tensors": model.safetensors or None, "config": config.json or None,
-    "train_state": train_state/ or None}; finishes an interrupted save first."""
-    folder = os.path.normpath(folder)
-    recover_checkpoint(folder)
+    "train_state": train_state/ or None} of a folder written by `save_checkpoint`."""
+    folder = checkpoint_folder(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: no such checkpoint folder")
     weights, config_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
-    config = None
-    if os.path.isfile(config_path):
-        with open(config_path) as f:
-            config = json.load(f)
     ts = os.path.join(folder, TRAIN_STATE)
-    return {"tensors": load_file(weights) if os.path.isfile(weights) else None, "config": config,
+    return {"tensors": read_safetensors(weights) if os.path.isfile(weights) else None,
+            "config": read_json(config_path) if os.path.isfile(config_path) else None,
             "train_state": _read_train_state(ts) if os.path.isdir(ts) else None}
 
 
@@ -819,7 +870,8 @@ def _truncate_metrics(path: str, step: int):
 
 def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainConfig, dist: Optional[Dist] = None,
         collate_fn: Optional[Callable] = None, save_fn: Optional[Callable[[str], None]] = None,
-        unit: str = "items", drop_last: bool = False, find_unused_parameters: bool = False) -> dict:
+        unit: str = "items", drop_last: bool = False, find_unused_parameters: bool = False,
+        stage: str = "train") -> dict:
     """Train `model` on `dataset` with `train_step(model, batch) -> (loss, count[, logs])`
     (see the loss rule at the top of this file) until cfg.max_steps (or cfg.epochs) optimizer
     steps or cfg.time_limit seconds, checkpointing to cfg.out.
@@ -829,7 +881,11 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
     parameters also go into train_state/ so a resume does not depend on that format.
     Every rank's k-th micro-batch has the same size (the sampler pads the epoch to a multiple
     of the world size); drop_last=True drops each epoch's short last batch (contrastive losses).
-    Returns {"step", "losses" (one per step of this run), "stopped" ("done"|"time_limit")}.
+    `stage` names the run in the output folder's marker: only a run of the same stage replaces it.
+    A step whose loss or gradient norm is not finite is skipped (never applied, never saved);
+    cfg.max_nonfinite_steps of them in a row stop the run with the last checkpoint kept.
+    Returns {"step", "losses" (one per step of this run), "stopped" ("done"|"time_limit"),
+    "skipped" (non-finite steps)}.
     """
     dist = dist or Dist(device=resolve_device(cfg.device))
     device = dist.device
@@ -843,8 +899,7 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
     if dist.is_main:
         recover_checkpoint(out)           # a save a crash interrupted: finish or undo it
     dist.barrier()
-    if not _is_replaceable(out):          # checked on every rank, so all stop together
-        raise ValueError(f"--out={cfg.out}: exists and holds no checkpoint; choose another folder")
+    check_out(out, stage)                 # on every rank, so all stop together
 
     batches = _Batches(dataset, collate_fn, cfg.batch_size, cfg.num_workers, cfg.seed, dist, drop_last)
     total_steps = cfg.max_steps or cfg.epochs * batches.batches_per_epoch // cfg.grad_accum
@@ -873,7 +928,9 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
             dist.log(f"--resume: no checkpoint in {out}, starting at step 0")
         seed_everything(cfg.seed + dist.rank)   # dropout differs across ranks; the weights already agree
     if dist.is_main:
-        os.makedirs(out, exist_ok=True)
+        if not os.path.isdir(out) or not os.listdir(out):   # ours from the first line of metrics on
+            os.makedirs(out, exist_ok=True)
+            _write_json(os.path.join(out, RUN_MARKER), {"stage": stage, "files": list(KEEP)})
         _truncate_metrics(metrics_path, step)
 
     def save(step: int):
@@ -881,9 +938,9 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
                                     dist, scaler, extra={"config": dataclasses.asdict(cfg), "total_steps": total_steps})
         if dist.is_main:
             if save_fn is not None:
-                save_checkpoint(out, train_state=state, write=save_fn)
+                save_checkpoint(out, train_state=state, write=save_fn, stage=stage)
             else:
-                save_checkpoint(out, config=dataclasses.asdict(cfg), train_state=state,
+                save_checkpoint(out, config=dataclasses.asdict(cfg), train_state=state, stage=stage,
                                 write=lambda d: save_model(model, os.path.join(d, "model.safetensors")))
         dist.barrier()
 
@@ -891,6 +948,7 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
     bar = tqdm(total=total_steps, initial=step, disable=None if dist.is_main else True, dynamic_ncols=True)
     t_start = t_log = time.perf_counter()
     items_since_log, losses, saved_at, stopped, mode = 0.0, [], step, "done", None
+    skipped, bad_in_row, t_saved = 0, 0, t_start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     while step < total_steps:
@@ -920,14 +978,17 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
                 count_acc += torch.as_tensor(count, dtype=torch.float64, device=device)
             for k, v in (result[2] if len(result) > 2 else {}).items():
                 logs[k] = logs.get(k, 0.0) + float(v) / cfg.grad_accum
-        stop_here = cfg.time_limit is not None and time.perf_counter() - t_start >= cfg.time_limit
+        now = time.perf_counter()
+        stop_here = cfg.time_limit is not None and now - t_start >= cfg.time_limit
+        save_now = cfg.save_every_minutes > 0 and now - t_saved >= 60 * cfg.save_every_minutes
         keys = sorted(logs)
-        stats = torch.tensor([0.0, 0.0, float(stop_here)] + [logs[k] for k in keys], dtype=torch.float64, device=device)
+        stats = torch.tensor([0.0, 0.0, float(stop_here), float(save_now)] + [logs[k] for k in keys],
+                             dtype=torch.float64, device=device)
         stats[0], stats[1] = loss_acc, count_acc
         if dist.ddp:
             torch_dist.all_reduce(stats)         # sums; every rank then takes the same decisions
-        loss_sum, count, stop_here = stats[0].item(), stats[1].item(), stats[2].item() > 0
-        logs = {k: v / dist.world_size for k, v in zip(keys, stats[3:].tolist())}
+        loss_sum, count, stop_here, save_now = stats[0].item(), stats[1].item(), stats[2] > 0, stats[3] > 0
+        logs = {k: v / dist.world_size for k, v in zip(keys, stats[4:].tolist())}
         if mode == "sum":
             # DDP averaged the gradients over ranks: x world_size / (every item of the window)
             scale, mean_loss, items = (dist.world_size / count if count > 0 else 0.0), loss_sum / max(count, 1.0), count
@@ -935,16 +996,29 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
             # every rank's value is a global mean: average over the window; x world_size as above
             scale, mean_loss = dist.world_size / cfg.grad_accum, loss_sum / (cfg.grad_accum * dist.world_size)
             items = cfg.batch_size * cfg.grad_accum * dist.world_size
-        if scaler is None and not math.isfinite(mean_loss):
-            raise FloatingPointError(f"loss is {mean_loss} at step {step}; lower --lr or check the data")
         if scaler is not None:
             scaler.unscale_(optimizer)
         grads = [p.grad for p in params if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, scale)
-        grad_norm = (nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item() if cfg.max_grad_norm > 0 else None)
-        if mode == "sum" and count == 0:
-            pass                                  # nothing supervised in the window: no update
+        # the norm is computed even without clipping (max_norm inf), to catch a non-finite step;
+        # the gradients are the same on every rank after DDP, so every rank takes the same decision
+        grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf).item() if params else 0.0
+        # fp16's GradScaler skips overflowing steps itself (and lowers its scale); elsewhere a
+        # non-finite loss or gradient would turn the weights to NaN: skip the step instead
+        bad = not math.isfinite(mean_loss) or (scaler is None and not math.isfinite(grad_norm))
+        skipped, bad_in_row = skipped + bad, (bad_in_row + 1) if bad else 0
+        if bad:
+            dist.log(f"step {step + 1}: loss {mean_loss:.4g}, gradient norm {grad_norm:.4g}: not finite, "
+                     f"step skipped ({bad_in_row} in a row, {skipped} in all)")
+            if bad_in_row >= cfg.max_nonfinite_steps:
+                bar.close()
+                raise FloatingPointError(
+                    f"{bad_in_row} steps in a row with a non-finite loss or gradient (at step {step + 1}); "
+                    f"stopped without saving, the last checkpoint in {out} is from step {saved_at}: "
+                    "lower --lr or check the data")
+        if bad or (mode == "sum" and count == 0):
+            pass                                  # not finite, or nothing supervised in the window: no update
         elif scaler is not None:
             scaler.step(optimizer)                # skips the step when fp16 gradients overflowed
         else:
@@ -960,6 +1034,7 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
         if step % cfg.log_every == 0 or step == total_steps or stop_here:
             now = time.perf_counter()
             row = {"step": step, "epoch": batches.epoch, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
+                   "skipped": skipped,
                    f"{unit}_per_s": items_since_log / max(now - t_log, 1e-9), "elapsed_s": now - t_start, **logs}
             if device.type == "cuda":
                 row["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -975,13 +1050,13 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
         if stop_here:
             stopped = "time_limit"
             break
-        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+        if ((cfg.save_every and step % cfg.save_every == 0) or save_now) and step < total_steps:
             save(step)
-            saved_at = step
+            saved_at, t_saved = step, time.perf_counter()
     bar.close()
     if step > saved_at:
         save(step)
     if stopped == "time_limit":
         dist.log(f"time limit of {cfg.time_limit:g} s reached at step {step}/{total_steps}; saved to {out} "
                  "(continue with --resume=true)")
-    return {"step": step, "losses": losses, "stopped": stopped}
+    return {"step": step, "losses": losses, "stopped": stopped, "skipped": skipped}

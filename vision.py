@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from hf import checkpoint_folder, read_json, read_safetensors
 from model import apply_lora, copy_strict
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -31,8 +32,7 @@ def _read_config(folder: str) -> dict:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: not found; expected a Hugging Face model folder")
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path)
 
 
 def _read_checkpoint(folder: str, keep) -> tuple:
@@ -41,18 +41,15 @@ def _read_checkpoint(folder: str, keep) -> tuple:
     single = os.path.join(folder, "model.safetensors")
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(single) or os.path.isfile(index):
-        from safetensors import safe_open
         if os.path.isfile(single):
             files = [single]
         else:
-            with open(index) as f:
-                files = [os.path.join(folder, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+            files = [os.path.join(folder, s) for s in sorted(set(read_json(index)["weight_map"].values()))]
         tensors, source = {}, {}
         for path in files:
-            with safe_open(path, framework="pt") as f:
-                for k in f.keys():
-                    if keep(k):  # read only what is used (mBART: the decoder stays on disk)
-                        tensors[k], source[k] = f.get_tensor(k), path
+            part = read_safetensors(path, keep)  # only what is used (mBART: the decoder stays on disk)
+            tensors.update(part)
+            source.update(dict.fromkeys(part, path))
         return tensors, source, single if os.path.isfile(single) else index
     hint = (" (it has pytorch_model.bin, a pickle, which is not loaded: convert it once with "
             "transformers' save_pretrained(..., safe_serialization=True))"
@@ -827,11 +824,11 @@ class VCPModel(nn.Module):
 
     @classmethod
     def load(cls, folder: str, with_text_encoder: bool = False, dtype=torch.float32, device="cpu") -> "VCPModel":
+        folder = checkpoint_folder(folder)  # a save cut by a kill: its last whole checkpoint
         cfg_path = os.path.join(folder, "config.json")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{cfg_path}: not found; a VCP folder holds config.json and model.safetensors")
-        with open(cfg_path) as f:
-            cfg = VCPConfig.from_dict(json.load(f), where=cfg_path)
+        cfg = VCPConfig.from_dict(read_json(cfg_path), where=cfg_path)
         text_encoder = None
         if with_text_encoder:
             if not cfg.text_encoder_path:
