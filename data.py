@@ -1167,12 +1167,22 @@ def _render_job(job) -> int:
     return len(frames)
 
 
+SYNTH_NAMES = {"videos", "train.jsonl", "dev.jsonl", "test.jsonl", "corpus.jsonl", "meta.json"}
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is a file; give a folder path for --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: folder exists and is not empty; pass --overwrite=true to replace it "
-                              "or choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out}: folder exists and is not empty; pass --overwrite=true to replace it "
+                                  "or choose another --out")
+        # --overwrite replaces only a synthetic dataset this command wrote, never a user's folder
+        other = sorted({p.name for p in out.iterdir()} - SYNTH_NAMES)
+        if not (out / "meta.json").is_file() or other:
+            raise FileExistsError(f"{out}: not a synthetic dataset written by data.py synth "
+                                  f"({'it holds ' + other[0] if other else 'no meta.json'}); --overwrite replaces "
+                                  "only those: choose another --out")
 
 
 def _write_jsonl(path: Path, rows) -> None:

@@ -22,7 +22,7 @@ import torch
 from data import build_chat_example, collate_vlt, pack_blocks, read_corpus, system_prompt
 from losses import lm_loss
 from model import LLM, LLMConfig, Tokenizer, apply_lora
-from training import (TrainConfig, check_not_input, cli, fit, make_optimizer, parse_config, seed_everything,
+from training import (TrainConfig, check_out, cli, fit, make_optimizer, parse_config, seed_everything,
                       setup_distributed)
 
 
@@ -94,7 +94,7 @@ def main(argv):
     cfg = parse_config(CPTConfig, argv)
     if not cfg.corpus:
         raise ValueError("--corpus is required: a jsonl file of {\"text\"} or {\"gloss\", \"text\"} rows")
-    check_not_input(cfg.out, corpus=cfg.corpus, init=cfg.init)
+    check_out(cfg.out, "cpt", corpus=cfg.corpus, init=cfg.init)
     dist = setup_distributed(cfg.device)
     seed_everything(cfg.seed)  # the same fresh weights on every rank
 

@@ -25,7 +25,7 @@ from data import ClipDataset, VideoTransform, collate_clips, language_of, load_r
 from hf import checkpoint_folder, read_safetensors
 from losses import clip_loss, signcl_loss
 from model import Tokenizer
-from training import (TrainConfig, check_not_input, cli, fit, make_optimizer, parse_config, seed_everything,
+from training import (TrainConfig, check_out, cli, fit, make_optimizer, parse_config, seed_everything,
                       setup_distributed)
 from vision import HierarchicalConfig, TextEncoder, TextEncoderConfig, VCPConfig, VCPModel, ViTConfig
 
@@ -134,8 +134,8 @@ def main(argv):
         raise ValueError("--data is required: a manifest folder, a Phoenix-2014T root or a CSL-Daily root")
     if bool(cfg.text_encoder) == bool(cfg.text_from_llm):
         raise ValueError("give exactly one of --text_encoder (an mBART folder) and --text_from_llm (an LLM folder)")
-    check_not_input(cfg.out, data=cfg.data, text_encoder=cfg.text_encoder, text_from_llm=cfg.text_from_llm,
-                    vit=cfg.vit)
+    check_out(cfg.out, "vcp", data=cfg.data, text_encoder=cfg.text_encoder, text_from_llm=cfg.text_from_llm,
+              vit=cfg.vit)
     dist = setup_distributed(cfg.device)
     seed_everything(cfg.seed)  # the same initial weights on every rank
 

@@ -27,7 +27,7 @@ from data import (ClipDataset, VideoTransform, build_chat_example, chat_prefix_i
 from hf import checkpoint_folder, file_sha256, read_json, read_safetensors, safetensors_metadata
 from losses import lm_loss
 from model import LLM, Connector, LLaVASLT, PrefixCache, Tokenizer, apply_lora
-from training import (TrainConfig, check_not_input, cli, fit, make_optimizer, parse_config, seed_everything,
+from training import (TrainConfig, check_out, cli, fit, make_optimizer, parse_config, seed_everything,
                       setup_distributed)
 from vision import VCPModel
 
@@ -182,7 +182,7 @@ def main(argv):
     if cfg.visual_tokens not in ("word", "sentence"):
         raise ValueError(f"--visual_tokens={cfg.visual_tokens}: expected word or sentence")
     cache_dir = cfg.cache or os.path.normpath(cfg.out) + "_cache"
-    check_not_input(cfg.out, data=cfg.data, cpt=cfg.cpt, vcp=cfg.vcp, init=cfg.init, cache=cache_dir)
+    check_out(cfg.out, "vlt", data=cfg.data, cpt=cfg.cpt, vcp=cfg.vcp, init=cfg.init, cache=cache_dir)
     dist = setup_distributed(cfg.device)
     seed_everything(cfg.seed)
     rows = load_rows(cfg.data, cfg.split)
@@ -194,7 +194,7 @@ def main(argv):
     if cfg.init:
         model = LLaVASLT.load(cfg.init, VCPModel.load, dtype=dtype)
         cpt, vcp = model.config["llm"], model.config["visual"]
-        check_not_input(cfg.out, **{"init's LLM": cpt, "init's visual encoder": vcp})
+        check_out(cfg.out, "vlt", **{"init's LLM": cpt, "init's visual encoder": vcp})
         if model.visual_tokens != cfg.visual_tokens:
             raise ValueError(f"--visual_tokens={cfg.visual_tokens} but {cfg.init} was trained with {model.visual_tokens}")
     else:

@@ -605,36 +605,31 @@ def _marker(folder: str) -> Optional[dict]:
     return read_json(path) if os.path.isfile(path) else None
 
 
-def check_out(folder: str, stage: str, flag: str = "--out"):
+def check_out(folder: str, stage: str, **inputs):
     """Refuse, with one line, an output folder that a save of `stage` may not replace: a file,
-    a user's non-empty folder (no marker), another stage's output, or a user's FOLDER.old."""
+    a user's non-empty folder (no marker), another stage's output, a user's FOLDER.old, or
+    one of the run's inputs (or a folder holding one), which its first save would replace.
+    inputs: {flag name: path or ""}. Scripts call it before any work; `fit` again."""
     folder = os.path.normpath(folder)
+    out_real = os.path.realpath(folder)
+    for name, path in inputs.items():
+        real = os.path.realpath(path) if path else None
+        if real is not None and (real == out_real or real.startswith(out_real + os.sep)):
+            raise ValueError(f"--out={folder} is also where --{name}={path} is read from; a run never writes "
+                             "over its inputs: choose another --out")
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ValueError(f"{flag}={folder}: is a file; give a folder")
+        raise ValueError(f"--out={folder}: is a file; give a folder")
     marker = _marker(folder) if os.path.isdir(folder) else None
     if os.path.isdir(folder) and os.listdir(folder) and marker is None:
-        raise ValueError(f"{flag}={folder}: exists and was not written by a llava-slt run (no {RUN_MARKER}); "
+        raise ValueError(f"--out={folder}: exists and was not written by a llava-slt run (no {RUN_MARKER}); "
                          "nothing in it is replaced: choose another folder")
     if marker is not None and marker.get("stage") != stage:
-        raise ValueError(f"{flag}={folder}: holds the output of a {marker.get('stage')} run, this is {stage}; "
+        raise ValueError(f"--out={folder}: holds the output of a {marker.get('stage')} run, this is {stage}; "
                          "choose another folder")
     old = folder + ".old"
     if os.path.exists(old) and not is_ours(old):
         raise ValueError(f"{old}: exists and was not written by a llava-slt run; a save renames {folder} "
                          "there for a moment: move it away")
-
-
-def check_not_input(out: str, **inputs):
-    """Refuse an output folder that is also one of the run's inputs (or holds one): its first
-    save would replace what the run reads. inputs: {flag name: path or ""}."""
-    out_real = os.path.realpath(out)
-    for name, path in inputs.items():
-        if not path:
-            continue
-        real = os.path.realpath(path)
-        if real == out_real or real.startswith(out_real + os.sep):
-            raise ValueError(f"--out={out} is also where --{name}={path} is read from; a run never writes "
-                             "over its inputs: choose another --out")
 
 
 def _publish_tree(folder: str):

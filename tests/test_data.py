@@ -329,6 +329,20 @@ def test_read_manifest_errors(tmp_path, line, match):
     assert one_line(e)
 
 
+def test_non_utf8_bytes_name_the_file_and_row(tmp_path):
+    write_frames(tmp_path / "a", [1])
+    m = tmp_path / "m.jsonl"
+    m.write_bytes(b'{"id": "ok", "video": "a", "text": "gut"}\n{"id": "x", "video": "a", "text": "gr\xfc\xdf"}\n')
+    with pytest.raises(DataError, match=r"m\.jsonl row 2: not UTF-8 \(byte b'\\xfc' at column 38\); save the file "
+                                        r"as UTF-8") as e:
+        read_manifest(m)
+    assert one_line(e)
+    c = tmp_path / "c.jsonl"
+    c.write_bytes(b'{"text": "gut"}\n\n{"text": "\xe4"}\n')
+    with pytest.raises(DataError, match=r"c\.jsonl row 3: not UTF-8"):
+        read_corpus(c)
+
+
 def test_read_corpus(tmp_path):
     p = tmp_path / "c.jsonl"
     p.write_text('{"text": "am montag regen ."}\n{"gloss": "MONTAG REGEN", "text": "am montag regen ."}\n')
@@ -827,8 +841,15 @@ def test_synth_refuses_non_empty_out_and_cli(tmp_path, capsys):
     assert data.main(["synth", "--out", str(out), *tiny]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--overwrite=true" in err and (out / "keep.txt").exists()
+    # --overwrite replaces a synthetic dataset, never a user's folder
+    assert data.main(["synth", f"--out={out}", "--seed=3", "--overwrite=true", *tiny]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("not a synthetic dataset written by data.py synth (it holds keep.txt); --overwrite replaces "
+                        "only those: choose another --out") and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert data.main(["synth", f"--out={out}", "--seed=2", *tiny]) == 0
     assert data.main(["synth", f"--out={out}", "--seed=3", "--overwrite=true", *tiny]) == 0
-    assert not (out / "keep.txt").exists() and len(read_jsonl(out / "train.jsonl")) == 20
+    assert len(read_jsonl(out / "train.jsonl")) == 20
     assert json.loads((out / "meta.json").read_text())["seed"] == 3
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     with pytest.raises(ValueError, match="n_train=5"):

@@ -161,7 +161,8 @@ def test_trilogy_end_to_end(pipe, tmp_path):
     assert {k: config[k] for k in ("format", "llm", "visual", "connector", "visual_dim", "visual_tokens", "language")} \
         == {"format": "llava-slt", "llm": "../cpt", "visual": "../vcp", "connector": "mlp", "visual_dim": 32,
             "visual_tokens": "word", "language": "German"}
-    assert sorted(os.listdir(pipe.vlt)) == ["config.json", "connector.safetensors", "metrics.jsonl", "train_state"]
+    assert sorted(os.listdir(pipe.vlt)) == ["config.json", "connector.safetensors", "llava_slt_run.json", "metrics.jsonl",
+                                          "train_state"]
     assert [r["step"] for r in metrics(pipe.vlt)] == list(range(1, 9))
 
     # full-tune from the connector folder: LoRA on the LLM, the visual encoder unfrozen
@@ -554,3 +555,147 @@ def test_train_vlt_with_a_missing_vcp_folder(pipe, tmp_path):
                                f"--out={out}", "--max_steps=1"], rc=1))
     assert line.startswith(f"error: {missing / 'config.json'}: not found") and "VCP folder" in line
     assert not out.exists()
+
+
+# ============================================================================ nothing a user owns is lost
+
+def _tree(pipe, dst):
+    """A copy of the pipeline's cpt/vcp/vlt folders (same relative layout), to damage freely."""
+    for name in ("cpt", "vcp", "vlt"):
+        shutil.copytree(getattr(pipe, name), dst / name)
+    return SimpleNamespace(cpt=dst / "cpt", vcp=dst / "vcp", vlt=dst / "vlt")
+
+
+@pytest.mark.slow
+def test_outputs_never_replace_a_users_folder_or_an_input(pipe, tmp_path, capsys):
+    llm = tmp_path / "llm"
+    shutil.copytree(pipe.cpt, llm, ignore=shutil.ignore_patterns("train_state", "metrics.jsonl", "llava_slt_run.json"))
+    (llm / "LICENSE").write_text("a downloaded model's license")
+    before = sorted(os.listdir(llm))
+    corpus = pipe.data / "corpus.jsonl"
+    assert cli_error(train_cpt.main, [f"--corpus={corpus}", f"--init={llm}", f"--out={llm}"], capsys) == (
+        f"error: --out={llm} is also where --init={llm} is read from; a run never writes over its inputs: "
+        "choose another --out")
+    line = cli_error(train_vcp.main, [f"--data={pipe.data}", f"--text_from_llm={llm}", f"--out={llm}"], capsys)
+    assert line.startswith(f"error: --out={llm} is also where --text_from_llm={llm} is read from")
+    line = cli_error(train_vlt.main, [f"--data={pipe.data}", f"--cpt={pipe.cpt}", f"--vcp={pipe.vcp}", f"--out={llm}"],
+                     capsys)  # a Hugging Face folder (weights, tokenizer, license) is the user's
+    assert line == (f"error: --out={llm}: exists and was not written by a llava-slt run (no llava_slt_run.json); "
+                    "nothing in it is replaced: choose another folder")
+    line = cli_error(train_vlt.main, [f"--data={pipe.data}", f"--cpt={pipe.cpt}", f"--vcp={pipe.vcp}",
+                                      f"--out={pipe.vcp}"], capsys)
+    assert line.startswith(f"error: --out={pipe.vcp} is also where --vcp=")
+    assert sorted(os.listdir(llm)) == before and (llm / "LICENSE").read_text() == "a downloaded model's license"
+    assert not (tmp_path / "llm_cache").exists()
+
+
+@pytest.mark.slow
+def test_a_corrupt_or_half_written_file_gives_one_line_naming_it(pipe, tmp_path, capsys):
+    t = _tree(pipe, tmp_path)
+    clip = load_rows(pipe.data, "test")[0]["video"]
+    full = tmp_path / "full"                       # a full-tuned folder: llm_adapter/ and visual/
+    model = LLaVASLT.load(str(t.vlt), VCPModel.load)
+    from model import apply_lora
+    apply_lora(model.llm, ("q_proj", "v_proj"), 2, 4)
+    model.save(str(full), str(t.cpt), str(t.vcp), {k: model.config[k] for k in ("language", "prompt", "system")},
+               save_visual=model.visual_encoder.save)
+    files = [t.vlt / "connector.safetensors", t.vcp / "model.safetensors", full / "visual" / "model.safetensors",
+             full / "llm_adapter" / "adapter_model.safetensors", t.vlt / "config.json", t.vcp / "config.json",
+             full / "llm_adapter" / "adapter_config.json"]
+    for path in files:
+        good = path.read_bytes()
+        damaged = ([good[:len(good) // 2], good[:len(good) - 3]] if path.suffix == ".json" else
+                   [good[:len(good) - 40], b"\xff" * 8 + good[8:], good[:4] + b"\x00" * 4 + good[8:]])
+        for bad in damaged:
+            path.write_bytes(bad)
+            ckpt = full if "full" in str(path) else t.vlt
+            line = cli_error(eval_cli.main, [f"--checkpoint={ckpt}", f"--video={clip}"], capsys)
+            assert line.startswith(f"error: {path}: not a"), (path, line)
+            assert "truncated or corrupt" in line, line
+        path.write_bytes(good)
+    # resume state: a half-written state.json, a truncated optimizer file
+    for name in ("state.json", "optimizer.safetensors"):
+        path = t.vlt / "train_state" / name
+        good = path.read_bytes()
+        path.write_bytes(good[:len(good) // 2])
+        line = cli_error(train_vlt.main, [f"--data={pipe.data}", f"--cpt={t.cpt}", f"--vcp={t.vcp}", f"--out={t.vlt}",
+                                          "--resume=true", "--batch_size=8"] + VLT_FLAGS, capsys)
+        assert line.startswith(f"error: {path}: not ") and "truncated or corrupt" in line, line
+        path.write_bytes(good)
+
+
+@pytest.mark.slow
+def test_a_changed_encoder_is_refused_and_an_interrupted_save_is_read(pipe, tmp_path, capsys):
+    t = _tree(pipe, tmp_path)
+    clip = load_rows(pipe.data, "test")[0]["video"]
+    # a kill between the two renames of a save leaves FOLDER.old only: every reader reads it
+    os.rename(t.vlt, str(t.vlt) + ".old")
+    os.rename(t.vcp, str(t.vcp) + ".old")
+    model = LLaVASLT.load(str(t.vlt), VCPModel.load)
+    assert model.config["folder"] == str(t.vlt) + ".old" and model.config["visual"] == str(t.vcp) + ".old"
+    capsys.readouterr()
+    cli(eval_cli.main, [f"--checkpoint={t.vlt}", f"--video={clip}"])
+    assert capsys.readouterr().out.strip()
+    os.rename(str(t.vlt) + ".old", t.vlt)
+    os.rename(str(t.vcp) + ".old", t.vcp)
+    # the encoder behind --vcp changed since the connector was trained on it: refused everywhere
+    weights = load_file(t.vcp / "model.safetensors")
+    weights["hier.local.norm.weight"] = weights["hier.local.norm.weight"] + 0.5
+    save_file(weights, t.vcp / "model.safetensors")
+    expected = (f"error: {t.vcp / 'model.safetensors'}: the visual encoder changed since {t.vlt} was trained on it "
+                "(another sha256); train the connector again on this encoder, or restore the encoder it was trained on")
+    assert cli_error(eval_cli.main, [f"--checkpoint={t.vlt}", f"--video={clip}"], capsys) == expected
+    assert cli_error(train_vlt.main, [f"--data={pipe.data}", f"--init={t.vlt}", "--full_tune=true",
+                                      f"--out={tmp_path / 'full'}"], capsys) == expected
+    line = cli_error(train_vlt.main, [f"--data={pipe.data}", f"--cpt={t.cpt}", f"--vcp={t.vcp}", f"--out={t.vlt}",
+                                      "--resume=true", "--batch_size=8"] + VLT_FLAGS, capsys)
+    assert line.startswith(f"error: --resume: {t.vlt} was trained on another visual encoder than {t.vcp}")
+
+
+@pytest.mark.slow
+def test_a_regenerated_video_invalidates_the_cache(pipe, tmp_path):
+    rows = [dict(r) for r in load_rows(pipe.data, "train")[:3]]
+    for r in rows:
+        shutil.copy(r["video"], tmp_path / os.path.basename(r["video"]))
+        r["video"] = str(tmp_path / os.path.basename(r["video"]))
+    frames = tmp_path / "frames"                  # a frame folder (Phoenix, CSL-Daily)
+    frames.mkdir()
+    for i in range(3):
+        (frames / f"{i:03d}.png").write_bytes(b"png" * (i + 1))
+    rows.append({"id": "f", "video": str(frames)})
+    key = train_vlt.fingerprint(str(pipe.vcp), rows, "word")
+    assert train_vlt.fingerprint(str(pipe.vcp), rows, "word") == key
+    path = rows[0]["video"]                        # re-encoded in place: other bytes, same name
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:-1])
+    key2 = train_vlt.fingerprint(str(pipe.vcp), rows, "word")
+    assert key2 != key
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))   # rewritten with the same size
+    assert train_vlt.fingerprint(str(pipe.vcp), rows, "word") not in (key, key2)
+    key3 = train_vlt.fingerprint(str(pipe.vcp), rows, "word")
+    (frames / "002.png").write_bytes(b"other frame!")  # a frame folder extracted again
+    assert train_vlt.fingerprint(str(pipe.vcp), rows, "word") != key3
+
+
+@pytest.mark.slow
+def test_eval_checks_its_outputs_before_translating(pipe, tmp_path, capsys):
+    line = cli_error(eval_cli.main, [f"--checkpoint={pipe.vlt}", f"--data={pipe.data}", f"--json={tmp_path}"], capsys)
+    assert line.startswith(f"error: --json={tmp_path}: cannot write a file there")
+    line = cli_error(eval_cli.main, [f"--checkpoint={pipe.vlt}", f"--data={pipe.data}",
+                                     f"--predictions={tmp_path / 'no' / 'p.jsonl'}"], capsys)
+    assert line.startswith(f"error: --predictions={tmp_path / 'no' / 'p.jsonl'}: cannot write a file there")
+
+
+@pytest.mark.slow
+def test_a_data_error_in_a_loader_worker_is_one_line(pipe, tmp_path, capsys):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00" * 4000)
+    rows = [{"id": f"c{i}", "video": "bad.mp4" if i == 5 else str(r["video"]), "text": r["text"]}
+            for i, r in enumerate(load_rows(pipe.data, "train")[:8])]
+    with open(tmp_path / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    line = cli_error(train_vcp.main, [f"--data={tmp_path}", f"--text_from_llm={pipe.cpt}", f"--out={tmp_path / 'o'}",
+                                      "--num_workers=1", "--batch_size=4"] + VCP_FLAGS, capsys)
+    assert line.startswith(f"error: {bad}: cannot decode video"), line

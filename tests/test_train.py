@@ -8,6 +8,7 @@ toy training program of the 2-process test.
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -515,3 +516,144 @@ def test_fit_refuses_an_out_folder_that_is_not_a_checkpoint(tmp_path):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--ddp-toy"]:
     _ddp_toy_main(sys.argv[2])
+
+
+# ============================================================================ nothing a user owns is lost
+
+def test_save_replaces_only_what_a_run_wrote(tmp_path):
+    ck = tmp_path / "ck"
+    save_checkpoint(ck, tensors={"w": torch.zeros(3)}, stage="vcp", write=lambda d: open(d + "/old.txt", "w").write("1"))
+    marker = json.loads((ck / training.RUN_MARKER).read_text())
+    assert marker == {"stage": "vcp", "files": ["metrics.jsonl", "model.safetensors", "old.txt"]}
+    (ck / "notes.txt").write_text("mine")                       # a user's note and folder put into our output
+    (ck / "mine").mkdir()
+    (ck / "mine" / "a.txt").write_text("a")
+    (ck / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "ck.tmp-mine").mkdir()                          # a user's folders that look like ours
+    (tmp_path / "ck.tmp-mine" / "x").write_text("x")
+    save_checkpoint(ck, tensors={"w": torch.ones(3)}, stage="vcp")
+    assert sorted(os.listdir(ck)) == ["llava_slt_run.json", "metrics.jsonl", "mine", "model.safetensors", "notes.txt"]
+    assert (ck / "notes.txt").read_text() == "mine" and (ck / "mine" / "a.txt").read_text() == "a"
+    assert (ck / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert (tmp_path / "ck.tmp-mine" / "x").read_text() == "x"   # not ours: never removed
+    with pytest.raises(ValueError, match=r"holds the output of a vcp run, this is vlt; choose another folder"):
+        save_checkpoint(ck, tensors={"w": torch.ones(3)}, stage="vlt")
+    # a downloaded model folder (weights, a card, notes) is the user's: refused, untouched
+    hub = tmp_path / "Qwen"
+    hub.mkdir()
+    for name in ("model.safetensors", "README.md", "tokenizer.json", "notes.txt"):
+        (hub / name).write_text(name)
+    (hub / "metrics.jsonl").write_text("{}")
+    with pytest.raises(ValueError, match=r"Qwen: exists and was not written by a llava-slt run"):
+        save_checkpoint(hub, tensors={"w": torch.ones(3)})
+    with pytest.raises(ValueError, match=r"was not written by a llava-slt run"):
+        run_toy(hub, steps=1, batch_size=4)
+    assert sorted(os.listdir(hub)) == ["README.md", "metrics.jsonl", "model.safetensors", "notes.txt", "tokenizer.json"]
+    # a user's FOLDER.old is never taken for a half-finished save, nor overwritten by one
+    (tmp_path / "ck.old").mkdir()
+    (tmp_path / "ck.old" / "keep.txt").write_text("k")
+    training.recover_checkpoint(ck)
+    with pytest.raises(ValueError, match=r"ck.old: exists and was not written by a llava-slt run; .* move it away"):
+        save_checkpoint(ck, tensors={"w": torch.ones(3)}, stage="vcp")
+    assert (tmp_path / "ck.old" / "keep.txt").read_text() == "k"
+    shutil.rmtree(tmp_path / "ck")
+    assert training.checkpoint_folder(str(ck)) == str(ck)         # the user's .old is not read as ours either
+
+
+def test_outputs_that_are_inputs_are_refused(tmp_path):
+    (tmp_path / "llm").mkdir()
+    with pytest.raises(ValueError, match=r"--out=.*llm is also where --text_from_llm=.*llm is read from"):
+        training.check_out(str(tmp_path / "llm"), "vcp", data="d", text_from_llm=str(tmp_path / "llm" / "."))
+    with pytest.raises(ValueError, match=r"is also where --data="):          # an input inside the output
+        training.check_out(str(tmp_path), "vcp", data=str(tmp_path / "llm"))
+    training.check_out(str(tmp_path / "out"), "vcp", data=str(tmp_path / "llm"), init="")
+
+
+def test_checkpoints_are_readable_by_the_group_as_the_umask_says(tmp_path):
+    old = os.umask(0o022)
+    try:
+        _, _, state = _train_state()
+        save_checkpoint(tmp_path / "ck", tensors={"w": torch.zeros(2)}, train_state=state)
+    finally:
+        os.umask(old)
+    for root, dirs, files in os.walk(tmp_path / "ck"):
+        assert os.stat(root).st_mode & 0o777 == 0o755, root
+        for name in files:
+            assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o644, name
+
+
+def _poisoned(model, bad_calls, where="loss"):
+    """sum_step whose loss (or, with a finite loss, the gradient) is not finite at the given calls."""
+    calls, poison = [0], [False]
+
+    def hook(g):  # fires in the backward of a poisoned call only
+        if poison[0]:
+            poison[0] = False
+            return torch.full_like(g, float("inf"))
+        return g
+    model.net[0].weight.register_hook(hook)
+
+    def step(net, batch):
+        loss, n = sum_step(net, batch)
+        i, calls[0] = calls[0], calls[0] + 1
+        if i in bad_calls:
+            if where == "loss":
+                loss = loss * float("nan")
+            else:
+                poison[0] = True
+        return loss, n
+    return step
+
+
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_a_non_finite_step_is_skipped_never_applied_or_saved(tmp_path, where):
+    cfg = TrainConfig(out=str(tmp_path / "t"), max_steps=6, batch_size=4, lr=3e-2, log_every=1, device="cpu")
+    seed_everything(0)
+    model = MLP()
+    result = fit(model, _poisoned(model, {1, 2}, where), ToyData(), make_optimizer(model, cfg.lr, 0.0), cfg)
+    assert result["step"] == 6 and result["skipped"] == 2
+    rows = metrics(tmp_path / "t")
+    assert [r["skipped"] for r in rows] == [0, 1, 2, 2, 2, 2]
+    saved = load_checkpoint(tmp_path / "t")["tensors"]
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    # the skipped steps changed nothing: the same as a run that never saw those batches' updates
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_diverged_run_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    out = tmp_path / "t"
+
+    def main(argv):
+        cfg = TrainConfig(out=str(out), max_steps=10, batch_size=4, lr=3e-2, log_every=1, device="cpu",
+                          save_every=2, max_nonfinite_steps=3)
+        seed_everything(0)
+        model = MLP()
+        fit(model, _poisoned(model, set(range(3, 100))), ToyData(), make_optimizer(model, cfg.lr, 0.0), cfg)
+
+    with pytest.raises(SystemExit) as e:
+        cli(main, [])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: 3 steps in a row with a non-finite loss or gradient "
+                                               "(at step 6); stopped without saving, the last checkpoint")
+    assert "is from step 4" in err[0]   # saved at step 4 (skipped, so the weights of step 3)
+    ck = load_checkpoint(out)
+    assert ck["train_state"]["step"] == 4 and all(torch.isfinite(v).all() for v in ck["tensors"].values())
+
+
+def test_saves_every_so_many_minutes(tmp_path):
+    calls = []
+    for minutes, expected in ((0.0, 1), (1e-9, 4)):
+        calls.clear()
+        cfg = TrainConfig(out=str(tmp_path / f"t{minutes}"), max_steps=4, batch_size=4, log_every=1, device="cpu",
+                          save_every_minutes=minutes)
+        seed_everything(0)
+        model = MLP()
+        fit(model, sum_step, ToyData(), make_optimizer(model, 1e-3, 0.0), cfg,
+            save_fn=lambda d: calls.append(load_marker_free(d)))
+        assert len(calls) == expected, minutes
+    assert TrainConfig().save_every_minutes == 30.0      # a crash loses at most half an hour by default
+
+
+def load_marker_free(folder):
+    return sorted(n for n in os.listdir(folder) if n != training.RUN_MARKER)
