@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hf import checkpoint_folder, file_sha256, read_json, read_safetensors
+from hf import checkpoint_folder, file_sha256, read_json, read_safetensors, safetensors_metadata
 
 IGNORE_INDEX = -100  # LLaVA's convention: labels that take no loss
 
@@ -1432,6 +1432,7 @@ class LLaVASLT(nn.Module):
         elif check_visual and config.get("visual_sha256"):
             weights = os.path.join(config["visual"], "model.safetensors")
             if os.path.isfile(weights) and file_sha256(weights) != config["visual_sha256"]:
+                safetensors_metadata(weights)  # a damaged file is named as such, not as another encoder
                 raise ValueError(f"{weights}: the visual encoder changed since {folder} was trained on it "
                                  "(another sha256); train the connector again on this encoder, or restore "
                                  "the encoder it was trained on")

@@ -206,6 +206,13 @@ def main(argv):
         visual_dim = visual.cfg.hier.dim
         model = LLaVASLT(llm, Connector(visual_dim, llm.config.hidden_size, cfg.connector).to(dtype), visual,
                          cfg.visual_tokens)
+    visual_sha256 = None
+    if not cfg.full_tune:  # the connector is only good for this encoder: eval and --init check it
+        visual_sha256 = file_sha256(os.path.join(checkpoint_folder(vcp), "model.safetensors"))
+        saved = os.path.join(checkpoint_folder(cfg.out), "config.json")
+        if cfg.resume and os.path.isfile(saved) and read_json(saved).get("visual_sha256") not in (None, visual_sha256):
+            raise ValueError(f"--resume: {cfg.out} was trained on another visual encoder than {vcp} holds now "
+                             "(another sha256); start a new --out, or restore that encoder")
     tok = Tokenizer.from_pretrained(cpt)
     tok.check_fits(model.llm.config.vocab_size, cpt)
     model.requires_grad_(False)
@@ -265,13 +272,8 @@ def main(argv):
         return loss * n, n
 
     settings = {"language": language, "prompt": cfg.prompt, "system": system}
-    if not cfg.full_tune:  # the connector is only good for this encoder: eval and --init check it
-        settings["visual_sha256"] = file_sha256(os.path.join(checkpoint_folder(vcp), "model.safetensors"))
-        saved = os.path.join(checkpoint_folder(cfg.out), "config.json")
-        if cfg.resume and os.path.isfile(saved) and read_json(saved).get("visual_sha256") not in (
-                None, settings["visual_sha256"]):
-            raise ValueError(f"--resume: {cfg.out} was trained on another visual encoder than {vcp} holds now "
-                             "(another sha256); start a new --out, or restore that encoder")
+    if visual_sha256:
+        settings["visual_sha256"] = visual_sha256
     inner = model
 
     def save(folder):

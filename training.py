@@ -632,18 +632,20 @@ def check_out(folder: str, stage: str, **inputs):
                          "there for a moment: move it away")
 
 
-def _publish_tree(folder: str):
+def _publish_tree(folder: str, chmod: bool = True):
     """Modes from the umask (mkdtemp makes 0700, safetensors 0600: teammates could not read the
     checkpoint), and data on disk before the rename publishes it (a power cut stays safe)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
     for root, dirs, files in os.walk(folder):
-        for name in dirs:
-            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        if chmod:
+            os.chmod(root, 0o777 & ~umask)
         for name in files:
             path = os.path.join(root, name)
-            os.chmod(path, 0o666 & ~umask)
+            if os.path.islink(path):
+                continue
+            if chmod:
+                os.chmod(path, 0o666 & ~umask)
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -710,11 +712,22 @@ def _read_train_state(path: str) -> dict:
             "path": path}
 
 
-def _copy_entry(src: str, dst: str):
-    if os.path.isdir(src) and not os.path.islink(src):
-        shutil.copytree(src, dst, symlinks=True)
-    else:
+def _link_or_copy(src: str, dst: str, follow_symlinks: bool = False):
+    """A hard link (instant, whatever the size; the file survives the old folder's removal),
+    or a copy where links are not possible (another filesystem, a symlink)."""
+    try:
+        if os.path.islink(src):
+            raise OSError("a symlink is copied as a link")
+        os.link(src, dst)
+    except OSError:
         shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _carry(src: str, dst: str):
+    if os.path.isdir(src) and not os.path.islink(src):
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(src, dst)
 
 
 def save_checkpoint(folder: str, tensors: Optional[dict] = None, config: Optional[dict] = None,
@@ -746,12 +759,15 @@ def save_checkpoint(folder: str, tensors: Optional[dict] = None, config: Optiona
         if train_state is not None:
             _write_train_state(os.path.join(tmp, TRAIN_STATE), train_state)
         written = sorted(set(os.listdir(tmp)) - {RUN_MARKER})
-        previous = (_marker(folder) or {}).get("files", []) if os.path.isdir(folder) else []
-        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            if name not in written and name != RUN_MARKER and (name in KEEP or name not in previous):
-                _copy_entry(os.path.join(folder, name), os.path.join(tmp, name))
         _write_json(os.path.join(tmp, RUN_MARKER), {"stage": stage, "files": sorted(set(written) | set(KEEP))})
-        _publish_tree(tmp)
+        _publish_tree(tmp)  # what this save wrote; what is carried over below keeps its own modes
+        previous = (_marker(folder) or {}).get("files", []) if os.path.isdir(folder) else []
+        carried = [name for name in (sorted(os.listdir(folder)) if os.path.isdir(folder) else [])
+                   if name not in written and name != RUN_MARKER and (name in KEEP or name not in previous)]
+        for name in carried:
+            _carry(os.path.join(folder, name), os.path.join(tmp, name))
+            if os.path.isdir(os.path.join(tmp, name)):
+                _publish_tree(os.path.join(tmp, name), chmod=False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

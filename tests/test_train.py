@@ -526,6 +526,7 @@ def test_save_replaces_only_what_a_run_wrote(tmp_path):
     marker = json.loads((ck / training.RUN_MARKER).read_text())
     assert marker == {"stage": "vcp", "files": ["metrics.jsonl", "model.safetensors", "old.txt"]}
     (ck / "notes.txt").write_text("mine")                       # a user's note and folder put into our output
+    os.chmod(ck / "notes.txt", 0o600)
     (ck / "mine").mkdir()
     (ck / "mine" / "a.txt").write_text("a")
     (ck / "metrics.jsonl").write_text('{"step": 1}\n')
@@ -534,6 +535,7 @@ def test_save_replaces_only_what_a_run_wrote(tmp_path):
     save_checkpoint(ck, tensors={"w": torch.ones(3)}, stage="vcp")
     assert sorted(os.listdir(ck)) == ["llava_slt_run.json", "metrics.jsonl", "mine", "model.safetensors", "notes.txt"]
     assert (ck / "notes.txt").read_text() == "mine" and (ck / "mine" / "a.txt").read_text() == "a"
+    assert os.stat(ck / "notes.txt").st_mode & 0o777 == 0o600   # as the user left it
     assert (ck / "metrics.jsonl").read_text() == '{"step": 1}\n'
     assert (tmp_path / "ck.tmp-mine" / "x").read_text() == "x"   # not ours: never removed
     with pytest.raises(ValueError, match=r"holds the output of a vcp run, this is vlt; choose another folder"):
