@@ -8,14 +8,16 @@ model -> optimizer -> `fit` -> done); everything they would otherwise copy lives
     autocast / seed_everything  bf16 autocast on CUDA (fp16 + GradScaler on request), fp32 on CPU
     make_optimizer / lr_at    AdamW without decay on norms/biases/embeddings; one-cycle cosine lr
     ResumableSampler          DistributedSampler that can start mid-epoch (resume skips, never loads)
+    check_out                 an output folder a run may write: never a user's folder or an input
     save_checkpoint / load_checkpoint / restore_train_state
-                              atomic folders: weights + config.json + train_state/ (no pickle)
+                              atomic folders: weights + config.json + marker + train_state/ (no pickle)
     fit                       the one training loop: accumulation, DDP, AMP, clipping, schedule,
-                              logging, checkpoints, exact resume, time limit
+                              non-finite steps skipped, logging, checkpoints, exact resume, time limit
 
 How a script uses it:
 
     cfg = parse_config(VCPConfig, argv)
+    check_out(cfg.out, "vcp", data=cfg.data)          # before any work: never a user's folder or an input
     dist = setup_distributed(cfg.device)
     seed_everything(cfg.seed)                         # same initial weights on every rank
     model = VCPModel(...).to(dist.device)
@@ -24,7 +26,7 @@ How a script uses it:
         out = model(batch["frames"], batch["frame_mask"], batch["text_ids"], batch["text_mask"])
         return clip_loss(...) + 1e-2 * signcl_loss(...) / dist.world_size, None
     fit(model, train_step, dataset, optimizer, cfg, dist, collate_fn=collate_clips,
-        save_fn=model.save, unit="clips")
+        save_fn=model.save, unit="clips", stage="vcp")
     cleanup()
 
 The loss rule (what `train_step(model, batch)` returns; optionally a third element, a dict of
