@@ -25,6 +25,13 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _full_precision(x: torch.Tensor):
+    """Autocast off for a loss's own arithmetic: under the training loop's bf16 autocast a
+    matmul of fp32 inputs would still run in bf16 (CLIP's similarity matrix at scale 100
+    then loses about 1e-3 of the loss)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 # ----------------------------------------------------------------------------- CLIP
 
 def _gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
@@ -77,20 +84,23 @@ def clip_loss(video_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale) -> t
     if video_emb.dim() != 2 or video_emb.shape != text_emb.shape:
         raise ValueError(f"clip_loss: video_emb {tuple(video_emb.shape)} and text_emb "
                          f"{tuple(text_emb.shape)} must both be (B, D) with the same B and D")
-    # fp32: under autocast the embeddings may be bf16, and the softmax over a large global
-    # batch at scale 100 is where the precision matters
-    v = F.normalize(_at_least_fp32(video_emb), dim=-1)  # (B, D)
-    t = F.normalize(_at_least_fp32(text_emb), dim=-1)  # (B, D)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        _check_equal_batches(v.shape[0], v.device)
-        v = _gather_with_local_grad(v)  # (W*B, D)
-        t = _gather_with_local_grad(t)  # (W*B, D)
-        if torch.is_tensor(logit_scale) and logit_scale.requires_grad:
-            w = dist.get_world_size()
-            logit_scale = logit_scale / w + (logit_scale * (1 - 1 / w)).detach()
-    logits = logit_scale * v @ t.T  # (N, N) video i vs text j
-    target = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    # fp32, autocast off: under autocast the embeddings may be bf16, and the softmax over a
+    # large global batch at scale 100 is where the precision matters
+    with _full_precision(video_emb):
+        v = F.normalize(_at_least_fp32(video_emb), dim=-1)  # (B, D)
+        t = F.normalize(_at_least_fp32(text_emb), dim=-1)  # (B, D)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            _check_equal_batches(v.shape[0], v.device)
+            v = _gather_with_local_grad(v)  # (W*B, D)
+            t = _gather_with_local_grad(t)  # (W*B, D)
+            if torch.is_tensor(logit_scale) and logit_scale.requires_grad:
+                w = dist.get_world_size()
+                logit_scale = logit_scale / w + (logit_scale * (1 - 1 / w)).detach()
+        if torch.is_tensor(logit_scale):
+            logit_scale = _at_least_fp32(logit_scale)
+        logits = logit_scale * v @ t.T  # (N, N) video i vs text j
+        target = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
 # ----------------------------------------------------------------------------- SignCL
@@ -149,6 +159,12 @@ def signcl_loss(word_features: torch.Tensor, mask: torch.Tensor, text_lengths=No
         raise ValueError(f"signcl_loss: num_negatives={num_negatives} must be >= 1")
     if p not in (1, 2):
         raise ValueError(f"signcl_loss: p={p}; use 1 (L1, as SignCL) or 2 (L2)")
+    with _full_precision(word_features):
+        return _signcl(word_features, mask, text_lengths, num_negatives, max_distance, min_margin, zipf_factor, p,
+                       generator)
+
+
+def _signcl(word_features, mask, text_lengths, num_negatives, max_distance, min_margin, zipf_factor, p, generator):
     B, T, _ = word_features.shape
     device = word_features.device
     mask = mask.to(device=device, dtype=torch.bool)
@@ -221,9 +237,10 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor):
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"lm_loss: logits {tuple(logits.shape)} must be (B, T, V) and labels "
                          f"{tuple(labels.shape)} (B, T)")
-    shift_logits = _at_least_fp32(logits[:, :-1])  # (B, T-1, V) fp32: the log-softmax over a big vocabulary
-    shift_labels = labels[:, 1:].to(logits.device)  # (B, T-1)
-    n_tokens = (shift_labels != IGNORE_INDEX).sum()
-    total = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / n_tokens.clamp_min(1), n_tokens
+    with _full_precision(logits):
+        shift_logits = _at_least_fp32(logits[:, :-1])  # (B, T-1, V) fp32: the log-softmax over a big vocabulary
+        shift_labels = labels[:, 1:].to(logits.device)  # (B, T-1)
+        n_tokens = (shift_labels != IGNORE_INDEX).sum()
+        total = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / n_tokens.clamp_min(1), n_tokens

@@ -523,12 +523,15 @@ class LLM(nn.Module):
                 llm.generation_eos_ids = _eos_list(llm.generation_config["eos_token_id"])
         return llm.eval()
 
-    def save_pretrained(self, folder: str, max_shard_size: int = 2**30, tokenizer=None):
+    def save_pretrained(self, folder: str, max_shard_size: int = 2**30, tokenizer=None, dtype=None):
         """Write a folder transformers.AutoModelForCausalLM.from_pretrained loads: config.json,
         model.safetensors (or shards of at most max_shard_size bytes + model.safetensors.index.json),
-        generation_config.json (and the tokenizer's files when one is given)."""
+        generation_config.json (and the tokenizer's files when one is given). `dtype`: the
+        weights' dtype on disk (default: as in memory; training keeps fp32 master weights)."""
         from safetensors.torch import save_file
         tensors = merged_parameters(self)  # tied head listed once; LoRA folded in, the model unchanged
+        if dtype is not None:
+            tensors = {k: v.to(_dtype(dtype)) if v.is_floating_point() else v for k, v in tensors.items()}
         os.makedirs(folder, exist_ok=True)
         shards, size = [{}], 0
         for name, t in tensors.items():
@@ -557,7 +560,7 @@ class LLM(nn.Module):
             if (weights and old not in names) or (old == "model.safetensors.index.json" and len(shards) == 1):
                 os.remove(os.path.join(folder, old))
         config = self.config.to_hf()
-        config["torch_dtype"] = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
+        config["torch_dtype"] = str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch.")
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
         gen = dict(self.generation_config)
@@ -752,7 +755,8 @@ class LoRALinear(nn.Module):
 
     `weight` and `bias` keep the wrapped layer's names, so a base checkpoint still loads
     into a model that already has adapters; `lora_A.weight` / `lora_B.weight` are PEFT's
-    names for the adapter matrices.
+    names for the adapter matrices. The adapters are fp32 whatever the base weight's dtype:
+    they are what trains, and an update of lr 1e-5 to a bf16 weight mostly rounds away.
     """
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0):
@@ -761,7 +765,7 @@ class LoRALinear(nn.Module):
         self.weight = base.weight
         self.bias = base.bias
         self.r, self.alpha, self.scale = r, alpha, alpha / r
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        factory = dict(device=base.weight.device, dtype=torch.promote_types(base.weight.dtype, torch.float32))
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -774,7 +778,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         out = F.linear(x, self.weight, self.bias)
-        return out + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scale
+        return out + update.to(out.dtype)  # under autocast both run in the autocast dtype anyway
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:

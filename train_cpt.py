@@ -23,7 +23,7 @@ from data import build_chat_example, collate_vlt, pack_blocks, read_corpus, syst
 from losses import lm_loss
 from model import LLM, LLMConfig, Tokenizer, apply_lora
 from training import (TrainConfig, check_out, cli, fit, make_optimizer, parse_config, seed_everything,
-                      setup_distributed)
+                      setup_distributed, trainable_in_fp32)
 
 
 @dataclass
@@ -37,7 +37,8 @@ class CPTConfig(TrainConfig):
     lora_r: int = 0                  # > 0: LoRA on the LLM instead of full training (merged when saved)
     lora_alpha: float = 16.0
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    dtype: str = "float32"           # weights of a loaded --init (bf16 for big models on GPU)
+    dtype: str = "float32"           # frozen weights of a loaded --init and the saved folder (bf16 for big models);
+                                     # what trains is fp32 in memory (master weights) either way
     # a fresh model (no --init): the shape of a tiny Qwen2 and a tokenizer trained on the corpus
     vocab: str = "wordlevel"         # wordlevel | bpe
     vocab_size: int = 8192
@@ -112,6 +113,7 @@ def main(argv):
     if cfg.lora_r > 0:
         llm.requires_grad_(False)
         apply_lora(llm, tuple(cfg.lora_targets.split(",")), cfg.lora_r, cfg.lora_alpha)
+    trainable_in_fp32(llm)
     optimizer = make_optimizer(llm, cfg.lr, cfg.weight_decay)
 
     def train_step(model, batch):
@@ -120,7 +122,7 @@ def main(argv):
         return loss * n, n
 
     def save(folder):  # a Hugging Face folder; LoRA is merged into the weights on the way out
-        llm.save_pretrained(folder, tokenizer=tok)
+        llm.save_pretrained(folder, tokenizer=tok, dtype=cfg.dtype)
 
     fit(llm, train_step, dataset, optimizer, cfg, dist, unit="tokens", save_fn=save, stage="cpt",
         collate_fn=lambda ex: collate_vlt(ex, tok.pad_token_id))

@@ -26,7 +26,7 @@ from hf import checkpoint_folder, read_safetensors
 from losses import clip_loss, signcl_loss
 from model import Tokenizer
 from training import (TrainConfig, check_out, cli, fit, make_optimizer, parse_config, seed_everything,
-                      setup_distributed)
+                      setup_distributed, trainable_in_fp32)
 from vision import HierarchicalConfig, TextEncoder, TextEncoderConfig, VCPConfig, VCPModel, ViTConfig
 
 LANG_CODES = {"German": "de_DE", "Chinese": "zh_CN"}  # mBART's language codes
@@ -160,6 +160,7 @@ def main(argv):
     model.cfg.text_encoder_path = os.path.relpath(os.path.abspath(teacher), os.path.abspath(cfg.out))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dist.log(f"{len(rows)} clips ({language}); VCP model {n_train / 1e6:.2f}M trainable parameters")
+    trainable_in_fp32(model)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
 
     def train_step(model, batch):

@@ -19,6 +19,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -28,7 +29,7 @@ from hf import checkpoint_folder, file_sha256, read_json, read_safetensors, safe
 from losses import lm_loss
 from model import LLM, Connector, LLaVASLT, PrefixCache, Tokenizer, apply_lora
 from training import (TrainConfig, check_out, cli, fit, make_optimizer, parse_config, seed_everything,
-                      setup_distributed)
+                      setup_distributed, trainable_in_fp32)
 from vision import VCPModel
 
 
@@ -51,11 +52,17 @@ class VLTConfig(TrainConfig):
     augment: bool = True             # frame augmentation during full-tuning
     cache_videos: bool = False       # full-tuning: keep decoded clips in memory (small datasets)
     dtype: str = "float32"           # LLM weights (bfloat16 for 7B+ on GPU)
-    # optimisation (paper: batch 64, AdamW wd 1e-3, max lr 1e-3, one-cycle cosine)
+    # optimisation (paper: batch 64, AdamW wd 1e-3, max lr 1e-3, one-cycle cosine; full-tuning
+    # "with a small learning rate of 1e-5")
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: Optional[float] = None       # default: 1e-3, or 1e-5 with --full_tune=true
     weight_decay: float = 1e-3
+
+    def __post_init__(self):
+        if self.lr is None:
+            self.lr = 1e-5 if self.full_tune else 1e-3
+        super().__post_init__()
 
 
 def prompt_system(cfg: VLTConfig, language: str) -> str:
@@ -204,7 +211,7 @@ def main(argv):
         llm = LLM.from_pretrained(cpt, dtype=dtype)
         visual = VCPModel.load(vcp)
         visual_dim = visual.cfg.hier.dim
-        model = LLaVASLT(llm, Connector(visual_dim, llm.config.hidden_size, cfg.connector).to(dtype), visual,
+        model = LLaVASLT(llm, Connector(visual_dim, llm.config.hidden_size, cfg.connector), visual,
                          cfg.visual_tokens)
     visual_sha256 = None
     if not cfg.full_tune:  # the connector is only good for this encoder: eval and --init check it
@@ -250,6 +257,7 @@ def main(argv):
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dist.log(f"{len(rows)} clips ({language}); {n_train / 1e6:.3f}M trainable parameters"
              f"{' (full-tune)' if cfg.full_tune else ' (connector)'}")
+    trainable_in_fp32(model)  # the connector (and LoRA, the tuned encoder) in fp32 beside a bf16 LLM
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
 
     # Every prompt starts with the same system turn and user header; with the LLM frozen, their

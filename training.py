@@ -798,6 +798,18 @@ def trainable_parameters(model: nn.Module) -> dict:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def trainable_in_fp32(model: nn.Module) -> nn.Module:
+    """Master weights: every parameter that trains is made fp32 (frozen ones keep their dtype,
+    e.g. a bf16 LLM), the compute runs under autocast. In bf16 (8 bits of mantissa) an AdamW
+    step of lr 1e-5 on a weight of 1e-2 is below the spacing of representable values there
+    (6e-5), so most of the paper's full-tuning updates would round away. Call it before
+    making the optimizer."""
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32 and p.dtype != torch.float64:
+            p.data = p.data.float()
+    return model
+
+
 def capture_train_state(step: int, optimizer, model: nn.Module, sampler_state: dict, dist: Dist,
                         scaler=None, extra: Optional[dict] = None) -> dict:
     """Everything a resume needs, in memory. Collective under DDP (every rank's RNG is gathered

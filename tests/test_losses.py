@@ -270,3 +270,42 @@ def test_lm_loss_no_supervised_tokens_is_zero_not_nan():
 def test_lm_loss_shape_error():
     with pytest.raises(ValueError, match="lm_loss"):
         lm_loss(torch.randn(2, 4, 5), torch.zeros(2, 3, dtype=torch.long))
+
+
+# ============================================================================ precision under autocast
+
+def _loss_and_grads(fn, *inputs, autocast=False):
+    inputs = [x.clone().requires_grad_(True) for x in inputs]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = fn(*inputs)
+    loss.backward()
+    return loss.detach(), [x.grad for x in inputs]
+
+
+def test_losses_are_computed_in_fp32_under_bf16_autocast():
+    """The training loop runs the step under bf16 autocast; each loss switches it off for its
+    own arithmetic, so it equals the fp32 loss (value and gradient) on the same inputs."""
+    g = torch.Generator().manual_seed(0)
+    v, t = torch.randn(64, 128, generator=g), torch.randn(64, 128, generator=g)
+    scale = torch.tensor(100.0)
+    cases = {
+        "clip": (lambda a, b, s: clip_loss(a, b, s), (v, t, scale)),
+        "signcl": (lambda w: signcl_loss(w, torch.ones(4, 24, dtype=torch.bool), generator=0, max_distance=8.0),
+                   (torch.randn(4, 24, 32, generator=g),)),
+        "lm": (lambda lg: lm_loss(lg, torch.randint(0, 500, (4, 16), generator=g))[0],
+               (torch.randn(4, 16, 500, generator=g) * 4,)),
+    }
+    for name, (fn, inputs) in cases.items():
+        state = g.get_state()
+        ref, ref_grads = _loss_and_grads(fn, *inputs)
+        g.set_state(state)
+        got, grads = _loss_and_grads(fn, *inputs, autocast=True)
+        assert got.dtype == torch.float32 and abs(got.item() - ref.item()) < 1e-5, (name, got, ref)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    # what autocast alone would give (the similarity matmul in bf16): off by far more than 1e-5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = 100.0 * F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T
+    target = torch.arange(64)
+    bf16 = (F.cross_entropy(logits.float(), target) + F.cross_entropy(logits.float().T, target)) / 2
+    assert abs(bf16.item() - clip_loss(v, t, 100.0).item()) > 1e-4

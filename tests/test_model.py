@@ -259,6 +259,16 @@ def test_save_over_an_earlier_save_and_merge_lora(tmp_path):
     torch.testing.assert_close(hf(ids).logits, llm(ids), atol=1e-4, rtol=0)
 
 
+def test_fp32_master_weights_save_in_the_dtype_asked_and_load_back_exactly(tmp_path):
+    llm = _randomise(LLM(_tiny_config()))                  # what full CPT trains: fp32 master weights
+    llm.save_pretrained(str(tmp_path), dtype="bfloat16")   # what the user asked for (--dtype=bfloat16)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    back = LLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    for (n, p), (m, q) in zip(llm.named_parameters(), back.named_parameters()):
+        assert n == m and q.dtype == torch.bfloat16 and torch.equal(q, p.to(torch.bfloat16)), n
+    assert all(p.dtype == torch.float32 for p in llm.parameters())  # the model in memory is unchanged
+
+
 @torch.no_grad()
 def test_load_transformers_sharded_checkpoint_in_bf16(tmp_path):
     _, kwargs = _HF_CONFIGS["qwen2_untied"]

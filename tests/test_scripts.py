@@ -702,3 +702,9 @@ def test_a_data_error_in_a_loader_worker_is_one_line(pipe, tmp_path, capsys):
     line = cli_error(train_vcp.main, [f"--data={tmp_path}", f"--text_from_llm={pipe.cpt}", f"--out={tmp_path / 'o'}",
                                       "--num_workers=1", "--batch_size=4"] + VCP_FLAGS, capsys)
     assert line.startswith(f"error: {bad}: cannot decode video"), line
+
+
+def test_full_tuning_takes_the_papers_learning_rate_unless_given():
+    assert parse_config(train_vlt.VLTConfig, []).lr == 1e-3
+    assert parse_config(train_vlt.VLTConfig, ["--full_tune=true"]).lr == 1e-5
+    assert parse_config(train_vlt.VLTConfig, ["--full_tune=true", "--lr=3e-4"]).lr == 3e-4
