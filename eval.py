@@ -141,11 +141,14 @@ def load_untrained(folder: str, device) -> LLaVASLT:
 
 @torch.no_grad()
 def translate(model: LLaVASLT, tok, system, batch, cfg: EvalConfig, device) -> list:
-    """A collated batch of clips -> the decoded sentences."""
+    """A collated batch of clips (frames, or word features computed before) -> the decoded sentences."""
     if cfg.text_only:
         B = len(batch["ids"])
         feats = torch.zeros(B, 0, model.connector_dims()[0], device=device, dtype=model.connector_dtype())
         mask = torch.zeros(B, 0, dtype=torch.bool, device=device)
+    elif "word_features" in batch:  # the frozen encoder's cached features (train_vlt's validation)
+        feats = batch["word_features"].to(device, model.connector_dtype())
+        mask = batch["word_mask"].to(device)
     else:
         frames = batch["frames"].to(device, model.connector_dtype())
         feats, mask = model.visual_features(frames, batch["frame_mask"].to(device))

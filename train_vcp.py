@@ -15,11 +15,13 @@ The frozen teacher encodes every training sentence once, before training. The ou
 (VCPModel.save) holds the visual encoder that VLT uses.
 """
 
+import math
 import os
 import sys
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from data import ClipDataset, VideoTransform, collate_clips, language_of, load_rows
 from hf import checkpoint_folder, read_safetensors
@@ -70,6 +72,7 @@ class VCPTrainConfig(TrainConfig):
     signcl_weight: float = 1e-2
     grad_checkpointing: bool = False
     vit_chunk_size: int = 64         # frames per ViT call (bounds memory; raise it for tiny frames)
+    dev_split: str = "dev"           # validation (--eval_every): dev CLIP loss picks the best, recall@1 logged
     # optimisation (paper: 200 epochs, batch 128, AdamW wd 1e-5, max lr 2e-4, one-cycle cosine)
     epochs: int = 200
     batch_size: int = 128
@@ -128,6 +131,32 @@ def encode_sentences(text_encoder, texts, lang, device, batch_size=64):
     return torch.cat(out)
 
 
+@torch.no_grad()
+def validate(model: VCPModel, clips: ClipDataset, text_sentence, dist, batch_size: int) -> dict:
+    """Dev CLIP loss and video->text recall@1 over the whole dev split (section 3.2; the paper
+    trains "until validation performance stops improving"). Each rank encodes every
+    world_size-th clip; the embeddings are gathered, so every rank scores the same matrix. A
+    hit is the right sentence, or another clip's identical one (real splits repeat sentences)."""
+    mine, video = list(range(dist.rank, len(clips), dist.world_size)), {}
+    for i in range(0, len(mine), batch_size):
+        batch = collate_clips([clips[j] for j in mine[i:i + batch_size]])
+        out = model.encode_video(batch["frames"].to(dist.device), batch["frame_mask"].to(dist.device))
+        video.update(zip(mine[i:i + batch_size], out["video_emb"].float().cpu()))
+    if dist.ddp:
+        every = [None] * dist.world_size
+        torch.distributed.all_gather_object(every, video)
+        video = {k: v for d in every for k, v in d.items()}
+    v = F.normalize(torch.stack([video[i] for i in range(len(clips))]), dim=-1)  # (N, clip_dim)
+    t = F.normalize(model.encode_text(text_sentence=text_sentence.to(dist.device)).float().cpu(), dim=-1)
+    scale = model.logit_scale.clamp(max=math.log(model.cfg.logit_scale_max)).exp().float().cpu()
+    logits = scale * v @ t.T  # (N, N) video i vs sentence j
+    target = torch.arange(len(clips))
+    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    texts = [r["text"] for r in clips.rows]
+    r1 = sum(texts[j] == texts[i] for i, j in enumerate(logits.argmax(1).tolist())) / len(clips)
+    return {"dev_loss": loss.item(), "dev_r1": 100.0 * r1}
+
+
 def main(argv):
     cfg = parse_config(VCPTrainConfig, argv)
     if not cfg.data:
@@ -153,6 +182,11 @@ def main(argv):
     texts = [r["text"] for r in rows]
     text_sentence = encode_sentences(text_encoder, texts, LANG_CODES.get(language, "de_DE"), dist.device)
     text_words = torch.tensor([len(t.split()) if language != "Chinese" else len(t) for t in texts])
+    dev_rows = load_rows(cfg.data, cfg.dev_split) if cfg.eval_every else []
+    dev_clips = ClipDataset(dev_rows, VideoTransform(size=cfg.image_size, resize=cfg.resize, train=False),
+                            max_frames=cfg.max_frames, stride=cfg.stride, train=False)
+    dev_sentence = encode_sentences(text_encoder, [r["text"] for r in dev_rows], LANG_CODES.get(language, "de_DE"),
+                                    dist.device) if dev_rows else None
     model = build_model(cfg, text_encoder)
     # the teacher's folder, relative to the output folder so the tree can move; a teacher made
     # from the LLM is written beside the visual encoder as a real mBART-format folder
@@ -181,7 +215,8 @@ def main(argv):
 
     # drop_last: the CLIP loss needs the same batch on every rank, and a batch of one pair learns nothing
     fit(model, train_step, dataset, optimizer, cfg, dist, collate_fn=collate_clips, save_fn=save,
-        unit="clips", drop_last=True, stage="vcp")
+        unit="clips", drop_last=True, stage="vcp", metric="dev_loss", higher_is_better=False,
+        evaluate=lambda m: validate(m, dev_clips, dev_sentence, dist, cfg.batch_size))
     dist.log(f"saved {cfg.out}")
 
 

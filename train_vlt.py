@@ -25,6 +25,7 @@ import torch
 
 from data import (ClipDataset, VideoTransform, build_chat_example, chat_prefix_ids, collate_clips, collate_vlt,
                   language_of, load_rows, system_prompt)
+from eval import EvalConfig, score, translate
 from hf import checkpoint_folder, file_sha256, read_json, read_safetensors, safetensors_metadata
 from losses import lm_loss
 from model import LLM, Connector, LLaVASLT, PrefixCache, Tokenizer, apply_lora
@@ -52,6 +53,8 @@ class VLTConfig(TrainConfig):
     augment: bool = True             # frame augmentation during full-tuning
     cache_videos: bool = False       # full-tuning: keep decoded clips in memory (small datasets)
     dtype: str = "float32"           # LLM weights (bfloat16 for 7B+ on GPU)
+    dev_split: str = "dev"           # validation (--eval_every): dev BLEU-4, greedy, picks the best checkpoint
+    eval_max_new_tokens: int = 64
     # optimisation (paper: batch 64, AdamW wd 1e-3, max lr 1e-3, one-cycle cosine; full-tuning
     # "with a small learning rate of 1e-5")
     epochs: int = 10
@@ -167,15 +170,43 @@ class VideoVLTDataset(torch.utils.data.Dataset):
         return {**clip, **build_chat_example(self.tok, self.system, n, answer=clip["text"])}
 
 
+def pad_features(features) -> tuple:
+    """[(N_i, D)] -> (B, N, D) zero-padded, (B, N) mask."""
+    n = torch.tensor([len(f) for f in features])
+    padded = torch.zeros(len(features), int(n.max()), features[0].shape[-1])
+    for i, f in enumerate(features):
+        padded[i, :n[i]] = f
+    return padded, torch.arange(padded.shape[1])[None] < n[:, None]
+
+
 def collate_cached(items, pad_id):
     batch = collate_vlt(items, pad_id)
-    n = torch.tensor([len(it["word_features"]) for it in items])
-    feats = torch.zeros(len(items), int(n.max()), items[0]["word_features"].shape[-1])
-    for i, it in enumerate(items):
-        feats[i, :n[i]] = it["word_features"]
-    batch["word_features"] = feats  # (B, N, D)
-    batch["word_mask"] = torch.arange(feats.shape[1])[None] < n[:, None]  # (B, N)
+    batch["word_features"], batch["word_mask"] = pad_features([it["word_features"] for it in items])  # (B, N, D)
     return batch
+
+
+@torch.no_grad()
+def validate(model: LLaVASLT, tok, system, rows, level, dist, cfg, features=None, clips=None) -> dict:
+    """Dev BLEU-4 and ROUGE-L with greedy decoding (the paper trains "until validation
+    performance stops improving"), scored as eval.py scores. Each rank translates every
+    world_size-th clip (cached features, or frames through the tuned encoder); all ranks then
+    score all of them, so every rank takes the same decisions."""
+    ecfg = EvalConfig(num_beams=1, max_new_tokens=cfg.eval_max_new_tokens)
+    mine, hyps = list(range(dist.rank, len(rows), dist.world_size)), {}
+    for i in range(0, len(mine), cfg.batch_size):
+        part = mine[i:i + cfg.batch_size]
+        if features is not None:
+            feats, mask = pad_features([features[rows[j]["id"]] for j in part])
+            batch = {"ids": [rows[j]["id"] for j in part], "word_features": feats, "word_mask": mask}
+        else:
+            batch = collate_clips([clips[j] for j in part])
+        hyps.update(zip(part, translate(model, tok, system, batch, ecfg, dist.device)))
+    if dist.ddp:
+        every = [None] * dist.world_size
+        torch.distributed.all_gather_object(every, hyps)
+        hyps = {k: v for d in every for k, v in d.items()}
+    scores = score([hyps[i] for i in range(len(rows))], [r["text"] for r in rows], level)
+    return {"dev_bleu4": scores["bleu4"], "dev_rouge": scores["rouge"]}
 
 
 def collate_video(items, pad_id):
@@ -193,7 +224,8 @@ def main(argv):
     dist = setup_distributed(cfg.device)
     seed_everything(cfg.seed)
     rows = load_rows(cfg.data, cfg.split)
-    language, _ = language_of(cfg.data)
+    dev_rows = load_rows(cfg.data, cfg.dev_split) if cfg.eval_every else []
+    language, level = language_of(cfg.data)
     system = prompt_system(cfg, language)
     dtype = getattr(torch, cfg.dtype)
 
@@ -246,6 +278,8 @@ def main(argv):
         n_tokens = (lambda T: 1) if cfg.visual_tokens == "sentence" else (lambda T: math.ceil(T / step))
         dataset = VideoVLTDataset(clips, tok, system, n_tokens)
         collate = lambda items: collate_video(items, tok.pad_token_id)  # noqa: E731
+        dev = dict(clips=ClipDataset(dev_rows, VideoTransform(vc.image_size, vc.resize, train=False),
+                                     max_frames=vc.max_frames, stride=vc.stride, train=False))
     else:
         model.visual_encoder.to(dist.device)
         path = os.path.join(cache_dir, f"{cfg.split}-{cfg.visual_tokens}.safetensors")
@@ -253,6 +287,10 @@ def main(argv):
                                fingerprint(checkpoint_folder(vcp), rows, cfg.visual_tokens))
         dataset = CachedVLTDataset(rows, features, tok, system)
         collate = lambda items: collate_cached(items, tok.pad_token_id)  # noqa: E731
+        dev = dict(features=build_cache(
+            os.path.join(cache_dir, f"{cfg.dev_split}-{cfg.visual_tokens}.safetensors"), model, dev_rows, dist,
+            cfg.batch_size, cfg.num_workers, fingerprint(checkpoint_folder(vcp), dev_rows, cfg.visual_tokens))
+            if dev_rows else {})
         model.visual_encoder = None  # not needed while training on the cache; saved by path
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dist.log(f"{len(rows)} clips ({language}); {n_train / 1e6:.3f}M trainable parameters"
@@ -289,7 +327,8 @@ def main(argv):
                    save_visual=inner.visual_encoder.save if cfg.full_tune else None)
 
     fit(model, train_step, dataset, optimizer, cfg, dist, collate_fn=collate, save_fn=save, unit="tokens",
-        stage="vlt")
+        stage="vlt", evaluate=lambda m: validate(m, tok, system, dev_rows, level, dist, cfg, **dev),
+        metric="dev_bleu4")
     dist.log(f"saved {cfg.out}")
 
 

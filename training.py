@@ -115,6 +115,8 @@ class TrainConfig:
     save_every: int = 0                  # steps between checkpoints; 0: by time only (and at the end)
     save_every_minutes: float = 30.0     # wall-clock minutes between checkpoints; 0: by steps only
     max_nonfinite_steps: int = 20        # non-finite losses/gradients in a row (each skipped) before stopping
+    eval_every: int = 0                  # steps between validations on the dev split; 0: none
+    patience: int = 0                    # validations without a new best before stopping; 0: never stop early
     resume: bool = False                 # continue from the checkpoint in `out`, if there is one
     time_limit: Optional[float] = None   # seconds of training, then save and stop
     num_workers: int = 0                 # DataLoader worker processes
@@ -126,7 +128,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "log_every", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)}: must be at least 1")
-        for name in ("epochs", "max_steps", "save_every", "save_every_minutes", "num_workers", "max_grad_norm"):
+        for name in ("epochs", "max_steps", "save_every", "save_every_minutes", "num_workers", "max_grad_norm",
+                     "eval_every", "patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name}={getattr(self, name)}: must not be negative")
         if not 0.0 < self.pct_start < 1.0:
@@ -734,14 +737,16 @@ def _carry(src: str, dst: str):
 
 def save_checkpoint(folder: str, tensors: Optional[dict] = None, config: Optional[dict] = None,
                     train_state: Optional[dict] = None, write: Optional[Callable[[str], None]] = None,
-                    stage: str = "train"):
+                    stage: str = "train", state_only: bool = False):
     """Write a checkpoint folder atomically (see above).
 
     tensors -> model.safetensors; config -> config.json; write(tmp_folder) adds the script's
     own files (e.g. `model.save`, a Hugging Face folder), after config.json so it may replace
     it; train_state (from `capture_train_state`) -> train_state/. What the old folder holds
     beyond what the previous save wrote (metrics.jsonl, a user's notes, eval's predictions)
-    is copied into the new one. Call on one process only (rank 0).
+    is copied into the new one. state_only: only train_state/ is new, the old folder's
+    weights and config stay (validation: the folder keeps the best weights, the resume state
+    is the last step's). Call on one process only (rank 0).
     """
     folder = os.path.normpath(folder)
     parent = os.path.dirname(folder) or "."
@@ -761,11 +766,13 @@ def save_checkpoint(folder: str, tensors: Optional[dict] = None, config: Optiona
         if train_state is not None:
             _write_train_state(os.path.join(tmp, TRAIN_STATE), train_state)
         written = sorted(set(os.listdir(tmp)) - {RUN_MARKER})
-        _write_json(os.path.join(tmp, RUN_MARKER), {"stage": stage, "files": sorted(set(written) | set(KEEP))})
-        _publish_tree(tmp)  # what this save wrote; what is carried over below keeps its own modes
         previous = (_marker(folder) or {}).get("files", []) if os.path.isdir(folder) else []
+        ours = set(written) | set(KEEP) | (set(previous) if state_only else set())
+        _write_json(os.path.join(tmp, RUN_MARKER), {"stage": stage, "files": sorted(ours)})
+        _publish_tree(tmp)  # what this save wrote; what is carried over below keeps its own modes
         carried = [name for name in (sorted(os.listdir(folder)) if os.path.isdir(folder) else [])
-                   if name not in written and name != RUN_MARKER and (name in KEEP or name not in previous)]
+                   if name not in written and name != RUN_MARKER
+                   and (state_only or name in KEEP or name not in previous)]
         for name in carried:
             _carry(os.path.join(folder, name), os.path.join(tmp, name))
             if os.path.isdir(os.path.join(tmp, name)):
@@ -896,7 +903,8 @@ def _truncate_metrics(path: str, step: int):
 def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainConfig, dist: Optional[Dist] = None,
         collate_fn: Optional[Callable] = None, save_fn: Optional[Callable[[str], None]] = None,
         unit: str = "items", drop_last: bool = False, find_unused_parameters: bool = False,
-        stage: str = "train") -> dict:
+        stage: str = "train", evaluate: Optional[Callable[[nn.Module], dict]] = None, metric: str = "",
+        higher_is_better: bool = True) -> dict:
     """Train `model` on `dataset` with `train_step(model, batch) -> (loss, count[, logs])`
     (see the loss rule at the top of this file) until cfg.max_steps (or cfg.epochs) optimizer
     steps or cfg.time_limit seconds, checkpointing to cfg.out.
@@ -909,9 +917,17 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
     `stage` names the run in the output folder's marker: only a run of the same stage replaces it.
     A step whose loss or gradient norm is not finite is skipped (never applied, never saved);
     cfg.max_nonfinite_steps of them in a row stop the run with the last checkpoint kept.
-    Returns {"step", "losses" (one per step of this run), "stopped" ("done"|"time_limit"),
-    "skipped" (non-finite steps)}.
+    Validation (the paper trains "until validation performance stops improving"): with
+    `evaluate(model) -> {name: float}` (called on every rank; it splits the dev set across
+    ranks and returns the same scores on all) and cfg.eval_every, the scores are logged, the
+    folder's weights are those of the best `metric` so far (train_state/ is always the last
+    step's, so a resume continues where the run stopped and keeps the best so far), and
+    cfg.patience validations without a new best stop the run.
+    Returns {"step", "losses" (one per step of this run), "stopped" ("done"|"time_limit"|
+    "patience"), "skipped" (non-finite steps), "best" ({"step", "value"} or None)}.
     """
+    if evaluate is not None and cfg.eval_every and not metric:
+        raise ValueError("fit: evaluate needs the name of the metric that picks the best checkpoint")
     dist = dist or Dist(device=resolve_device(cfg.device))
     device = dist.device
     precision = resolve_precision(cfg.precision, device)
@@ -941,12 +957,14 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                   find_unused_parameters=find_unused_parameters)
 
-    step = 0
+    step, best, bad_evals = 0, None, 0
+    validating = evaluate is not None and cfg.eval_every > 0
     resume_from = os.path.join(out, TRAIN_STATE)
     if cfg.resume and os.path.isdir(resume_from):
         state = _read_train_state(resume_from)
         where = restore_train_state(state, optimizer, model, scaler=scaler, dist=dist)   # sets the RNG last
         step, batches.epoch, batches.position = where["step"], where["epoch"], where["position"]
+        best, bad_evals = state["extra"].get("best"), state["extra"].get("bad_evals", 0)
         dist.log(f"resumed from {resume_from} at step {step} (epoch {batches.epoch}, sample {batches.position})")
     else:
         if cfg.resume:
@@ -958,11 +976,15 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
             _write_json(os.path.join(out, RUN_MARKER), {"stage": stage, "files": list(KEEP)})
         _truncate_metrics(metrics_path, step)
 
-    def save(step: int):
+    def save(step: int, weights: bool = True):
+        """weights=False: the resume state only; the folder keeps the best weights so far."""
         state = capture_train_state(step, optimizer, model, {"epoch": batches.epoch, "position": batches.position},
-                                    dist, scaler, extra={"config": dataclasses.asdict(cfg), "total_steps": total_steps})
+                                    dist, scaler, extra={"config": dataclasses.asdict(cfg), "total_steps": total_steps,
+                                                         "best": best, "bad_evals": bad_evals})
         if dist.is_main:
-            if save_fn is not None:
+            if not weights:
+                save_checkpoint(out, train_state=state, stage=stage, state_only=True)
+            elif save_fn is not None:
                 save_checkpoint(out, train_state=state, write=save_fn, stage=stage)
             else:
                 save_checkpoint(out, config=dataclasses.asdict(cfg), train_state=state, stage=stage,
@@ -1072,16 +1094,41 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
                 gn = f" | grad {grad_norm:.3g}" if grad_norm is not None else ""
                 dist.log(f"step {step}/{total_steps} | epoch {batches.epoch} | loss {mean_loss:.4f}{extra} | "
                          f"lr {lr:.2e}{gn} | {row[f'{unit}_per_s']:.1f} {unit}/s{mem}")
+        if validating and (step % cfg.eval_every == 0 or step == total_steps):
+            model.eval()
+            scores = evaluate(model)                  # collective: the same scores on every rank
+            model.train()
+            value = scores[metric]
+            improved = best is None or (value > best["value"] if higher_is_better else value < best["value"])
+            if improved:
+                best, bad_evals = {"step": step, "value": value}, 0
+            else:
+                bad_evals += 1
+            if dist.is_main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({"step": step, "epoch": batches.epoch, **scores, "best_step": best["step"]})
+                            + "\n")
+            dist.log(f"step {step}/{total_steps} | dev " + " | ".join(f"{k} {v:.4g}" for k, v in scores.items())
+                     + (" | new best" if improved else f" | best {best['value']:.4g} at step {best['step']}"))
+            if improved:
+                save(step)                            # the folder's weights: the best so far
+                saved_at, t_saved = step, time.perf_counter()
+            if cfg.patience and bad_evals >= cfg.patience:
+                stopped = "patience"
+                break
         if stop_here:
             stopped = "time_limit"
             break
-        if ((cfg.save_every and step % cfg.save_every == 0) or save_now) and step < total_steps:
-            save(step)
+        if ((cfg.save_every and step % cfg.save_every == 0) or save_now) and step < total_steps and saved_at < step:
+            save(step, weights=not validating or best is None)
             saved_at, t_saved = step, time.perf_counter()
     bar.close()
     if step > saved_at:
-        save(step)
+        save(step, weights=not validating or best is None)
     if stopped == "time_limit":
         dist.log(f"time limit of {cfg.time_limit:g} s reached at step {step}/{total_steps}; saved to {out} "
                  "(continue with --resume=true)")
-    return {"step": step, "losses": losses, "stopped": stopped, "skipped": skipped}
+    if stopped == "patience":
+        dist.log(f"no better {metric} on dev in {bad_evals} validations: stopped at step {step}; {out} holds the "
+                 f"best, step {best['step']} ({metric} {best['value']:.4g})")
+    return {"step": step, "losses": losses, "stopped": stopped, "skipped": skipped, "best": best}

@@ -506,7 +506,7 @@ def cli_error(main, argv, capsys) -> str:
 def test_unknown_flag_lists_the_valid_ones(capsys):
     line = one_line_error(run(["train_vlt.py", "--lr_typo=1"], rc=1))
     assert line.startswith("error: unknown option --lr_typo; valid options: --out --epochs --max_steps ")
-    assert " --lr --weight_decay " in line and line.endswith(" --cache_videos --dtype")
+    assert " --lr --weight_decay " in line and line.endswith(" --cache_videos --dtype --dev_split --eval_max_new_tokens")
     for main, valid in [(train_cpt.main, "--corpus"), (train_vcp.main, "--text_from_llm"),
                         (eval_cli.main, "--checkpoint")]:
         line = cli_error(main, ["--lr_typo=1"], capsys)
@@ -708,3 +708,50 @@ def test_full_tuning_takes_the_papers_learning_rate_unless_given():
     assert parse_config(train_vlt.VLTConfig, []).lr == 1e-3
     assert parse_config(train_vlt.VLTConfig, ["--full_tune=true"]).lr == 1e-5
     assert parse_config(train_vlt.VLTConfig, ["--full_tune=true", "--lr=3e-4"]).lr == 3e-4
+
+
+# ============================================================================ validation
+
+@pytest.mark.slow
+def test_vcp_validation_scores_the_saved_best(pipe, tmp_path):
+    out = tmp_path / "vcp"
+    run(["train_vcp.py", f"--data={pipe.data}", f"--text_from_llm={pipe.cpt}", f"--out={out}", "--batch_size=8",
+         "--eval_every=1"] + VCP_FLAGS)
+    dev = [r for r in metrics(out) if "dev_loss" in r]
+    assert [r["step"] for r in dev] == [1, 2, 3] and all(0 <= r["dev_r1"] <= 100 for r in dev)
+    best = min(dev, key=lambda r: r["dev_loss"])
+    assert all(r["best_step"] == best["step"] for r in dev if r["step"] >= best["step"])
+    model = VCPModel.load(str(out), with_text_encoder=True)
+    rows = load_rows(pipe.data, "dev")
+    clips = ClipDataset(rows, VideoTransform(32, 32, train=False), max_frames=20, stride=2, train=False)
+    sentence = train_vcp.encode_sentences(model.text_encoder, [r["text"] for r in rows], "de_DE", "cpu")
+    again = train_vcp.validate(model.eval(), clips, sentence, Dist(), 8)   # the folder holds the best
+    assert again["dev_loss"] == pytest.approx(best["dev_loss"], rel=1e-5) and again["dev_r1"] == best["dev_r1"]
+
+
+@pytest.mark.slow
+def test_vlt_validation_equals_eval_and_two_processes(pipe, tmp_path):
+    cpt = tmp_path / "cpt"  # an LLM that writes words (the fixture's 4 CPT steps write one token over and over)
+    run(["train_cpt.py", f"--corpus={pipe.data}/corpus.jsonl", f"--out={cpt}"] + CPT_FLAGS
+        + ["--max_steps=40", "--lr=1e-2", "--log_every=40"])
+    args = [f"--data={pipe.data}", f"--cpt={cpt}", f"--vcp={pipe.vcp}", f"--cache={pipe.cache}",
+            "--eval_every=2", "--eval_max_new_tokens=12"] + VLT_FLAGS
+    one, two = tmp_path / "one", tmp_path / "two"
+    out = run(["train_vlt.py", f"--out={one}", "--batch_size=8"] + args).stdout
+    assert "| dev dev_bleu4 " in out
+    dev = [r for r in metrics(one) if "dev_bleu4" in r]
+    assert [r["step"] for r in dev] == [2, 4, 6, 8] and any(r["dev_rouge"] > 0 for r in dev)
+    best = next(r for r in dev if r["step"] == dev[-1]["best_step"])
+    scores = tmp_path / "s.json"
+    run(["eval.py", f"--checkpoint={one}", f"--data={pipe.data}", "--split=dev", "--num_beams=1",
+         "--max_new_tokens=12", "--batch_size=8", f"--json={scores}"])
+    got = json.loads(scores.read_text())
+    assert got["bleu4"] == pytest.approx(best["dev_bleu4"], abs=1e-9)
+    assert got["rouge"] == pytest.approx(best["dev_rouge"], abs=1e-9)
+    # 2 processes x batch 4: the dev set split across ranks, the same scores and decisions
+    torchrun(["train_vlt.py", f"--out={two}", "--batch_size=4"] + args)
+    dev2 = [r for r in metrics(two) if "dev_bleu4" in r]
+    assert [(r["step"], r["best_step"]) for r in dev2] == [(r["step"], r["best_step"]) for r in dev]
+    for a, b in zip(dev, dev2):
+        assert b["dev_rouge"] == pytest.approx(a["dev_rouge"], abs=1e-9) and b["dev_bleu4"] == pytest.approx(
+            a["dev_bleu4"], abs=1e-9)

@@ -728,3 +728,64 @@ def test_trainable_weights_are_fp32_under_bf16_and_learn_at_lr_1e_5(tmp_path):
         assert (got[n] != 0).float().mean() > 0.99 and rel < 0.1, (n, rel)
         if "lora_B" not in n:  # B starts at zero, where bf16 resolves small steps too
             assert (old[n] != 0).float().mean() < 0.1 and rel_old > 0.9, (n, rel_old)
+
+
+# ============================================================================ validation
+
+def _scripted_eval(model, values, snapshots, crash_at=None):
+    """evaluate() whose dev metric follows `values`; keeps a copy of the weights at each call."""
+    calls = [0]
+
+    def evaluate(m):
+        i, calls[0] = calls[0], calls[0] + 1
+        if i == crash_at:
+            raise RuntimeError("simulated crash")
+        snapshots.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+        return {"dev_score": values[i], "dev_other": -values[i]}
+    return evaluate
+
+
+def _fit_validated(out, values, snapshots, crash_at=None, **kw):
+    cfg = TrainConfig(**{**dict(out=str(out), max_steps=len(values), batch_size=4, lr=3e-2, log_every=1,
+                                device="cpu", eval_every=1), **kw})
+    seed_everything(0)
+    model = MLP()
+    return fit(model, sum_step, ToyData(), make_optimizer(model, cfg.lr, 0.0), cfg,
+               evaluate=_scripted_eval(model, values, snapshots, crash_at), metric="dev_score")
+
+
+def test_validation_keeps_the_best_weights_and_patience_stops(tmp_path):
+    snaps = []
+    result = _fit_validated(tmp_path / "p", [1.0, 3.0, 2.0, 2.5, 2.9, 9.9, 9.9], snaps, patience=3)
+    assert result["stopped"] == "patience" and result["step"] == 5 and result["best"] == {"step": 2, "value": 3.0}
+    ck = load_checkpoint(tmp_path / "p")
+    for k, v in ck["tensors"].items():                 # the folder's weights: those of step 2
+        assert torch.equal(v, snaps[1][k]), k
+    assert ck["train_state"]["step"] == 5                # the resume state: the last step's
+    assert ck["train_state"]["extra"]["best"] == {"step": 2, "value": 3.0}
+    dev = [r for r in metrics(tmp_path / "p") if "dev_score" in r]
+    assert [(r["step"], r["dev_score"], r["best_step"]) for r in dev] == [(1, 1.0, 1), (2, 3.0, 2), (3, 2.0, 2),
+                                                                         (4, 2.5, 2), (5, 2.9, 2)]
+    # lower is better (a loss): the best is the smallest
+    cfg = TrainConfig(out=str(tmp_path / "l2"), max_steps=3, batch_size=4, log_every=1, device="cpu", eval_every=1)
+    model = MLP()
+    r = fit(model, sum_step, ToyData(), make_optimizer(model, 1e-3, 0.0), cfg, higher_is_better=False,
+            evaluate=_scripted_eval(model, [3.0, 1.0, 2.0], []), metric="dev_score")
+    assert r["best"] == {"step": 2, "value": 1.0} and r["stopped"] == "done"
+
+
+def test_resume_keeps_the_best_so_far(tmp_path):
+    values = [1.0, 3.0, 2.0, 2.5, 2.9, 2.8]
+    whole_snaps = []
+    whole = _fit_validated(tmp_path / "whole", values, whole_snaps, save_every=1)
+    with pytest.raises(RuntimeError, match="simulated crash"):        # dies in the 5th validation
+        _fit_validated(tmp_path / "cut", values, [], crash_at=4, save_every=1)
+    assert load_checkpoint(tmp_path / "cut")["train_state"]["step"] == 4
+    snaps = [None] * 4
+    resumed = _fit_validated(tmp_path / "cut", values[4:] * 2, snaps, save_every=1, resume=True,
+                             max_steps=len(values))
+    assert resumed["best"] == whole["best"] == {"step": 2, "value": 3.0} and resumed["step"] == 6
+    a, b = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "cut")
+    for k in a["tensors"]:
+        assert torch.equal(a["tensors"][k], b["tensors"][k]), k        # the best: step 2's weights
+    assert torch.equal(snaps[-1]["net.0.weight"], whole_snaps[-1]["net.0.weight"])  # and the run continued exactly
