@@ -393,9 +393,11 @@ class LLM(nn.Module):
         return self.model.embed_tokens(input_ids)
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, cache=None,
-                logits_to_keep: int = 0):
+                logits_to_keep: int = 0, hidden_states: bool = False):
         """Logits (B, T, V) in the model dtype; (B, n, V) of the last n positions with logits_to_keep=n
-        (generation needs the last one only: the LM head over a whole prompt is wasted work).
+        (generation needs the last one only: the LM head over a whole prompt is wasted work);
+        hidden_states=True: the last hidden states (B, T, D) after the final norm instead (an LLM
+        as VCP's text supervisor, Tab. 7 row 6).
 
         attention_mask (B, S): 1 = token, 0 = padding, over the cached positions and this call's
         (S = cache.length + T). Without position_ids, positions count real tokens only
@@ -428,6 +430,8 @@ class LLM(nn.Module):
             cache.advance(T)
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]  # (B, n, D)
+        if hidden_states:
+            return self.model.norm(x)  # (B, T or n, D)
         return self._logits(self.model.norm(x))  # (B, T or n, V)
 
     def _logits(self, x):  # (B, T, D) -> (B, T, V)
@@ -1332,7 +1336,8 @@ class Connector(nn.Module):
 class LLaVASLT(nn.Module):
     """Connector + LLM (+ the visual encoder when it is tuned too). Prompts hold `slot_mask`
     positions whose embeddings are replaced by the projected visual tokens, one slot per valid
-    word feature (or a single slot for the sentence-level ablation of Tab. 8)."""
+    word feature (for the sentence-level ablation of Tab. 8, one per position of the
+    full-attention encoder's penultimate layer)."""
 
     def __init__(self, llm: nn.Module, connector: Connector, visual_encoder: nn.Module = None,
                  visual_tokens: str = "word"):
@@ -1347,9 +1352,8 @@ class LLaVASLT(nn.Module):
     def visual_features(self, frames, frame_mask):
         """frames (B, T, 3, H, W) -> visual tokens (B, N, D_visual) and their mask (B, N)."""
         out = self.visual_encoder.encode_video(frames, frame_mask)
-        if self.visual_tokens == "sentence":
-            s = out["sentence_embedding"][:, None]  # (B, 1, D)
-            return s, torch.ones(s.shape[:2], dtype=torch.bool, device=s.device)
+        if self.visual_tokens == "sentence":  # Tab. 8 row 1: the full-attention encoder's penultimate layer
+            return out["sentence_features"], out["word_mask"]  # (B, N, D): a whole-clip receptive field each
         return out["word_features"], out["word_mask"]
 
     def splice(self, input_ids, slot_mask, word_features, word_mask):

@@ -29,7 +29,8 @@ from losses import clip_loss, signcl_loss
 from model import Tokenizer
 from training import (TrainConfig, check_out, cli, fit, make_optimizer, parse_config, seed_everything,
                       setup_distributed, trainable_in_fp32)
-from vision import HierarchicalConfig, TextEncoder, TextEncoderConfig, VCPConfig, VCPModel, ViTConfig
+from vision import (HierarchicalConfig, TextEncoder, TextEncoderConfig, VCPConfig, VCPModel, ViTConfig,
+                    load_text_encoder)
 
 LANG_CODES = {"German": "de_DE", "Chinese": "zh_CN"}  # mBART's language codes
 
@@ -40,8 +41,10 @@ class VCPTrainConfig(TrainConfig):
     split: str = "train"
     out: str = "out/vcp"
     vit: str = ""                    # DINOv2 folder (paper: dinov2-base); empty: a fresh ViT (vit_* below)
-    text_encoder: str = ""           # mBART folder (paper: mbart-large-cc25)
-    text_from_llm: str = ""          # instead: a 0-layer mBART-shaped mean-pooling encoder on this LLM's embeddings (the demo)
+    text_encoder: str = ""           # mBART folder (paper: mbart-large-cc25), or a Qwen2/Llama folder (Tab. 7 row 6:
+                                     # the mean of its last hidden states)
+    text_from_llm: str = ""          # instead, the demo's: a bag of this LLM's token embeddings (a 0-layer mean-pooling
+                                     # mBART-format encoder; a from-scratch LLM's states are no teacher yet)
     # frames (paper section C: centre square crop, resize 384, random crop 336)
     image_size: int = 336
     resize: int = 384
@@ -176,7 +179,7 @@ def main(argv):
                           cache_videos=cfg.cache_videos)
 
     if cfg.text_encoder:
-        text_encoder = TextEncoder.from_pretrained(cfg.text_encoder).requires_grad_(False)
+        text_encoder = load_text_encoder(cfg.text_encoder).requires_grad_(False)
     else:
         text_encoder = text_encoder_from_llm(cfg.text_from_llm)
     texts = [r["text"] for r in rows]

@@ -43,7 +43,7 @@ class VLTConfig(TrainConfig):
     vcp: str = ""                    # the visual encoder folder (stage 2)
     init: str = ""                   # a LLaVA-SLT folder to continue from (its cpt/vcp/connector)
     connector: str = "mlp"           # mlp (paper) | linear (Tab. 8 row 2)
-    visual_tokens: str = "word"      # word (paper) | sentence (Tab. 8 row 1)
+    visual_tokens: str = "word"      # word (paper) | sentence (Tab. 8 row 1: the full-attention penultimate layer)
     prompt: str = "full"             # full (task + format prompt) | no_format | none (Tab. 8 rows 3, 4)
     cache: str = ""                  # word-feature cache folder; default: beside --out, "<out>_cache"
     full_tune: bool = False          # unfreeze the visual encoder, LoRA on the LLM (paper: lr 1e-5)
@@ -259,9 +259,12 @@ def main(argv):
     if cfg.full_tune:
         # section 3.3: "we unfreeze the visual encoder and LLM (LoRA if used)"; the CLIP heads
         # (video/text projections, logit scale) are not on this path and stay frozen
-        # word tokens leave the hierarchical encoder before its full-attention part, which only
-        # the sentence-level ablation uses: train what is on the path, nothing else
-        on_path = ("hier.",) if cfg.visual_tokens == "sentence" else ("hier.input_proj.", "hier.local.")
+        # word tokens leave the hierarchical encoder before its full-attention part; the
+        # sentence-level ablation's leave it before its last layer: train what is on the path
+        on_path = ("hier.input_proj.", "hier.local.")
+        if cfg.visual_tokens == "sentence":
+            on_path += ("hier.query",) + tuple(f"hier.full.layers.{i}."
+                                               for i in range(model.visual_encoder.cfg.hier.full_layers - 1))
         apply_lora(model.llm, tuple(cfg.lora_targets.split(",")), cfg.lora_r, cfg.lora_alpha)
         for name, p in model.visual_encoder.named_parameters():
             p.requires_grad_(name.startswith(on_path + ("frame_proj.",)) or ".lora_" in name
@@ -275,7 +278,7 @@ def main(argv):
         clips = ClipDataset(rows, transform, max_frames=vc.max_frames, stride=vc.stride, train=True, seed=cfg.seed,
                             cache_videos=cfg.cache_videos)
         step = vc.hier.step
-        n_tokens = (lambda T: 1) if cfg.visual_tokens == "sentence" else (lambda T: math.ceil(T / step))
+        n_tokens = lambda T: math.ceil(T / step)  # noqa: E731  (word or sentence level: one per downsampled position)
         dataset = VideoVLTDataset(clips, tok, system, n_tokens)
         collate = lambda items: collate_video(items, tok.pad_token_id)  # noqa: E731
         dev = dict(clips=ClipDataset(dev_rows, VideoTransform(vc.image_size, vc.resize, train=False),

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from hf import checkpoint_folder, read_json, read_safetensors
-from model import apply_lora, copy_strict
+from model import LLM, Tokenizer, apply_lora, copy_strict
 
 # ----------------------------------------------------------------------------- checkpoints
 # One place knows the file layouts of a Hugging Face folder: model.safetensors or sharded
@@ -438,11 +438,13 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(n_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
 
-    def forward(self, x, mask):  # x (B, n, D), mask (B, 1, n, n) -> (B, n, D)
+    def forward(self, x, mask):  # x (B, n, D), mask (B, 1, n, n) -> (B, n, D), and what entered the last layer
         rope = _rope(x.shape[1], self.head_dim, self.theta, x.device) if self.rope else None
+        penultimate = x
         for layer in self.layers:
+            penultimate = x
             x = layer(x, mask, rope)
-        return self.norm(x)
+        return self.norm(x), penultimate
 
 
 def local_attention_mask(frame_mask, window: int):  # (B, T) -> (B, 1, T, T) bool
@@ -457,7 +459,9 @@ def local_attention_mask(frame_mask, window: int):  # (B, T) -> (B, 1, T, T) boo
 
 class HierarchicalEncoder(nn.Module):
     """(frame_features (B, T, D_in), frame_mask (B, T) True = valid, right-padded)
-    -> word_features (B, ceil(T/step), D), word_mask (B, ceil(T/step)), sentence_embedding (B, D)."""
+    -> word_features (B, N, D) with N = ceil(T/step), word_mask (B, N), sentence_embedding (B, D),
+    sentence_features (B, N, D): the full-attention transformer's penultimate layer at the word
+    positions (Tab. 8 row 1's "sentence-level features": each sees the whole clip)."""
 
     def __init__(self, cfg: HierarchicalConfig):
         super().__init__()
@@ -475,13 +479,13 @@ class HierarchicalEncoder(nn.Module):
         frame_mask = frame_mask.bool()
         x = self.input_proj(frame_features)  # (B, T, D)
         if self.use_local:
-            x = self.local(x, local_attention_mask(frame_mask, self.cfg.window))  # (B, T, D)
+            x = self.local(x, local_attention_mask(frame_mask, self.cfg.window))[0]  # (B, T, D)
         words = x[:, ::self.cfg.step]  # (B, ceil(T/step), D): frames 0, step, 2*step, ...
         word_mask = frame_mask[:, ::self.cfg.step]  # (B, N)
         h = torch.cat([self.query.expand(B, -1, -1).to(words.dtype), words], dim=1)  # (B, 1+N, D)
         keys = torch.cat([word_mask.new_ones(B, 1), word_mask], dim=1)  # (B, 1+N): the query is always a key
-        h = self.full(h, keys[:, None, None, :])  # (B, 1+N, D)
-        return words, word_mask, h[:, 0]
+        h, before_last = self.full(h, keys[:, None, None, :])  # (B, 1+N, D) each
+        return words, word_mask, h[:, 0], before_last[:, 1:]
 
 
 # ----------------------------------------------------------------------------- text encoder (mBART)
@@ -679,6 +683,53 @@ class TextEncoder(nn.Module):
             self.tokenizer.save(os.path.join(folder, "tokenizer.json"))
 
 
+class LLMTextEncoder(nn.Module):
+    """Tab. 7 row 6: a decoder LLM (Qwen-2.5-0.5B in the paper) as VCP's frozen text supervisor.
+    The sentence embedding is the mean of its last hidden states over the sentence's tokens.
+    The interface is TextEncoder's (tokenize, sentence_embedding, config.d_model, path)."""
+
+    def __init__(self, llm: LLM, tokenizer: Tokenizer, path: str = ""):
+        super().__init__()
+        self.llm, self.tokenizer, self.path = llm, tokenizer, path
+        self.config = TextEncoderConfig(d_model=llm.config.hidden_size, pad_token_id=tokenizer.pad_token_id or 0,
+                                        max_position_embeddings=llm.config.max_position_embeddings, pool="mean")
+
+    def tokenize(self, texts, lang: str = "", max_length: int | None = None):
+        """texts -> (input_ids, attention_mask) (B, T), right-padded; `lang` is unused (no codes)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        rows = []
+        for i, text in enumerate(texts):
+            if not text or not text.strip():
+                raise ValueError(f"text encoder: text {i} is empty")
+            rows.append(self.tokenizer.encode(text)[:max_length or self.config.max_position_embeddings])
+        T = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), T), self.config.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(rows), T, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            input_ids[i, :len(r)] = torch.tensor(r)
+            attention_mask[i, :len(r)] = True
+        return input_ids, attention_mask
+
+    def sentence_embedding(self, input_ids, attention_mask):  # (B, T) -> (B, D)
+        states = self.llm(input_ids, attention_mask=attention_mask, hidden_states=True)  # (B, T, D)
+        w = attention_mask.to(states.dtype)[..., None]  # (B, T, 1)
+        return (states * w).sum(1) / w.sum(1).clamp(min=1)
+
+    @classmethod
+    def from_pretrained(cls, folder: str, dtype=torch.float32, device="cpu") -> "LLMTextEncoder":
+        llm = LLM.from_pretrained(folder, dtype=dtype, device=device).requires_grad_(False)
+        return cls(llm, Tokenizer.from_pretrained(folder), path=folder).eval()
+
+
+def load_text_encoder(folder: str, dtype=torch.float32, device="cpu"):
+    """VCP's frozen text supervisor from a folder: mBART (the paper) or a Qwen2/Llama LLM (Tab. 7 row 6)."""
+    kind = _read_config(checkpoint_folder(folder)).get("model_type")
+    if kind in ("qwen2", "llama"):
+        return LLMTextEncoder.from_pretrained(folder, dtype=dtype, device=device)
+    return TextEncoder.from_pretrained(folder, dtype=dtype, device=device)
+
+
 # ----------------------------------------------------------------------------- VCP model
 # Section 3.2: ViT (+LoRA) per frame -> hierarchical encoder -> sentence embedding projected
 # into a 768-d CLIP space, against the frozen mBART sentence embedding projected into the
@@ -789,9 +840,10 @@ class VCPModel(nn.Module):
         feats = self.frame_features(frames[frame_mask])  # (N_valid, D): padding never enters the ViT
         frame_features = feats.new_zeros(B, T, feats.shape[-1])
         frame_features = frame_features.masked_scatter(frame_mask[..., None], feats)  # (B, T, D), zeros at padding
-        words, word_mask, sentence = self.hier(frame_features, frame_mask)
+        words, word_mask, sentence, sentence_features = self.hier(frame_features, frame_mask)
         return dict(frame_features=frame_features, word_features=words, word_mask=word_mask,
-                    sentence_embedding=sentence, video_emb=self.video_proj(sentence))
+                    sentence_embedding=sentence, sentence_features=sentence_features,
+                    video_emb=self.video_proj(sentence))
 
     def encode_text(self, text_ids=None, text_mask=None, text_sentence=None):  # -> (B, clip_dim)
         """Token ids through the frozen text encoder, or its sentence embeddings (B, text_dim)
@@ -836,7 +888,7 @@ class VCPModel(nn.Module):
                                  "this model was saved without a text encoder")
             # a relative path is relative to this folder (train_vcp.py writes it so)
             path = os.path.join(folder, cfg.text_encoder_path)
-            text_encoder = TextEncoder.from_pretrained(path, dtype=dtype, device=device)
+            text_encoder = load_text_encoder(path, dtype=dtype, device=device)
         # the ViT weights are in model.safetensors: do not read vit_path again
         with torch.device(device):
             model = cls(replace(cfg, vit_path=""), text_encoder).to(dtype)

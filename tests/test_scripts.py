@@ -755,3 +755,28 @@ def test_vlt_validation_equals_eval_and_two_processes(pipe, tmp_path):
     for a, b in zip(dev, dev2):
         assert b["dev_rouge"] == pytest.approx(a["dev_rouge"], abs=1e-9) and b["dev_bleu4"] == pytest.approx(
             a["dev_bleu4"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_sentence_level_ablation_trains_and_translates(pipe, tmp_path):
+    vlt, full = tmp_path / "vlt", tmp_path / "full"
+    common = [f"--data={pipe.data}", "--batch_size=8", "--max_steps=2", "--visual_tokens=sentence"]
+    run(["train_vlt.py", f"--cpt={pipe.cpt}", f"--vcp={pipe.vcp}", f"--out={vlt}", f"--cache={tmp_path / 'c'}"] + common)
+    features = load_file(tmp_path / "c" / "train-sentence.safetensors")
+    assert {len(v) for v in features.values()} == {5}              # one per downsampled position, as words
+    run(["train_vlt.py", f"--init={vlt}", "--full_tune=true", f"--out={full}"] + common)
+    model = LLaVASLT.load(str(full), VCPModel.load)
+    assert model.visual_tokens == "sentence"
+    out = run(["eval.py", f"--checkpoint={full}", f"--data={pipe.data}", "--split=test", "--num_beams=1",
+               "--max_new_tokens=4", f"--json={tmp_path / 's.json'}"]).stdout
+    assert "BLEU4" in out
+
+
+@pytest.mark.slow
+def test_vcp_with_an_llm_as_text_supervisor(pipe, tmp_path):
+    out = tmp_path / "vcp"
+    run(["train_vcp.py", f"--data={pipe.data}", f"--text_encoder={pipe.cpt}", f"--out={out}", "--batch_size=8"]
+        + VCP_FLAGS[:-2] + ["--max_steps=1"])
+    from vision import LLMTextEncoder
+    model = VCPModel.load(str(out), with_text_encoder=True)
+    assert isinstance(model.text_encoder, LLMTextEncoder) and model.cfg.text_dim == 32   # the CPT LLM's width

@@ -258,12 +258,12 @@ def test_local_window_limits_what_a_word_sees():
     enc = hier(window=3)
     x = torch.randn(1, 16, 8)
     with torch.no_grad():
-        words, _, _ = enc(x)
+        words, _, _, _ = enc(x)
         outside, inside = x.clone(), x.clone()
         outside[0, 4] += 1.0  # word 0 is frame 0, which sees frames 0..3
         inside[0, 3] += 1.0
-        w_out, _, _ = enc(outside)
-        w_in, _, _ = enc(inside)
+        w_out, _, _, _ = enc(outside)
+        w_in, _, _, _ = enc(inside)
     assert words.shape == (1, 4, 16)
     assert max_diff(w_out[0, 0], words[0, 0]) < 1e-6
     assert max_diff(w_in[0, 0], words[0, 0]) > 1e-3
@@ -283,8 +283,8 @@ def test_time_reversal_changes_word_features():
     for rope in (True, False):
         enc = hier(rope=rope, step=1, window=4)
         with torch.no_grad():
-            words, _, _ = enc(x)
-            rev, _, _ = enc(x.flip(1))
+            words, _, _, _ = enc(x)
+            rev, _, _, _ = enc(x.flip(1))
         # without positions the banded attention is reversal-equivariant: the control case
         diff = max_diff(rev.flip(1), words)
         assert (diff > 1e-2) if rope else (diff < 1e-5), (rope, diff)
@@ -299,12 +299,12 @@ def test_padded_batch_equals_each_clip_alone():
     for b, c in enumerate(clips):
         x[b, :len(c)], mask[b, :len(c)] = c, True
     with torch.no_grad():
-        words, word_mask, sent = enc(x, mask)
+        words, word_mask, sent, _ = enc(x, mask)
     assert torch.isfinite(words).all() and torch.isfinite(sent).all()
     assert word_mask.sum(1).tolist() == [math.ceil(n / 4) for n in lengths]
     for b, c in enumerate(clips):
         with torch.no_grad():
-            w, m, s = enc(c[None])
+            w, m, s, _ = enc(c[None])
         n = math.ceil(len(c) / 4)
         assert m.all() and w.shape[1] == n
         assert max_diff(words[b, :n], w[0]) < 1e-5
@@ -316,15 +316,15 @@ def test_downsample_takes_every_step_th_frame_and_ablations():
     enc1, enc4 = hier(step=1), hier(step=4)
     enc4.load_state_dict(enc1.state_dict())
     with torch.no_grad():
-        w1, _, _ = enc1(x)
-        w4, m4, _ = enc4(x)
+        w1, _, _, _ = enc1(x)
+        w4, m4, _, _ = enc4(x)
     assert w4.shape == (2, 4, 16) and m4.shape == (2, 4)
     assert torch.equal(w4, w1[:, [0, 4, 8, 12]])
     # Tab. 7 row 1: no local-attention transformer, frames straight into the full one
     for enc in (hier(use_local=False), hier(local_layers=0)):
         assert enc.local is None
         with torch.no_grad():
-            w, _, s = enc(x)
+            w, _, s, _ = enc(x)
         assert torch.equal(w, enc.input_proj(x)[:, ::4]) and torch.isfinite(s).all()
 
 
@@ -423,3 +423,43 @@ def test_vcp_from_dinov2_folder_and_flat_frame_pool(tmp_path):
     assert torch.isfinite(out["video_emb"]).all()
     with pytest.raises(ValueError, match="image_size 16"):
         model.encode_video(torch.randn(1, 2, 3, 20, 20))
+
+
+def test_sentence_features_are_the_penultimate_full_layer_and_see_the_whole_clip():
+    """Tab. 8 row 1: one token per word position, from the full-attention transformer's
+    penultimate layer, so each sees the whole clip where a word feature sees its window."""
+    enc = hier(window=3, full_layers=2)
+    x = torch.randn(1, 16, 8)
+    seen = []
+    enc.full.layers[-1].register_forward_pre_hook(lambda m, args: seen.append(args[0]))  # returns None
+    with torch.no_grad():
+        words, mask, _, feats = enc(x)
+        far = x.clone()
+        far[0, 15] += 1.0                      # outside word 0's window
+        w2, _, _, f2 = enc(far)
+    assert feats.shape == words.shape == (1, 4, 16) and torch.equal(feats, seen[0][:, 1:])
+    assert max_diff(w2[0, 0], words[0, 0]) < 1e-6 and max_diff(f2[0, 0], feats[0, 0]) > 1e-4
+
+
+def test_an_llm_as_text_supervisor_is_the_mean_of_its_last_hidden_states(tmp_path):
+    """Tab. 7 row 6 (Qwen-2.5-0.5B as VCP's text supervisor), on a tiny random Qwen2 built and
+    saved by transformers: our sentence embedding equals the masked mean of its last_hidden_state."""
+    from model import Tokenizer
+    from vision import LLMTextEncoder, load_text_encoder
+    tok = Tokenizer.train(["am montag regnet es im norden", "morgen gibt es viel sonne im süden"], kind="wordlevel")
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True))
+    randomize(hf)
+    hf.eval().save_pretrained(tmp_path, safe_serialization=True)
+    tok.save_pretrained(str(tmp_path))
+    enc = load_text_encoder(str(tmp_path))
+    assert isinstance(enc, LLMTextEncoder) and enc.config.d_model == 32
+    ids, mask = enc.tokenize(["am montag regnet es im norden", "morgen sonne"])
+    assert mask.sum(1).tolist() == [6, 2]
+    with torch.no_grad():
+        ours = enc.sentence_embedding(ids, mask)
+        states = hf.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, T, D)
+        ref = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert max_diff(ours[0], ours[1]) > 1e-2
