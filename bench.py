@@ -31,6 +31,8 @@ Figures (JSON keys):
                          decodes the videos and recomputes the frozen visual encoder every step
   load_peak_rss_ratio    LLM.from_pretrained of a ~500 MB sharded bf16 checkpoint into bf16, in a
                          fresh process: peak RSS (Linux VmHWM) minus RSS after imports, over the size
+  loader_png_ratio       frames/s of ClipDataset (VCP train transform, 336 px) on one core over Pillow
+  loader_jpeg_ratio      decoding the same frames alone: Phoenix-like 210x260 PNG, CSL-Daily-like 512x512 JPEG
   cuda_*                 (CUDA only) VCP / VLT training MFU in bf16 and eval clips/s
 
 The VLT figure uses train_vlt.py's own cache and datasets (build_cache, CachedVLTDataset,
@@ -55,7 +57,7 @@ from model import LLM, LLMConfig
 
 TARGETS = {  # CPU targets of this repository (ratio >= target, except memory: <=)
     "llm_prefill_ratio": 1.0, "llm_greedy_ratio": 1.5, "llm_beam_ratio": 1.5, "vit_ratio": 1.0,
-    "vlt_cache_speedup": 10.0, "load_peak_rss_ratio": 1.25,
+    "vlt_cache_speedup": 10.0, "load_peak_rss_ratio": 1.25, "loader_png_ratio": 0.6, "loader_jpeg_ratio": 0.6,
 }
 LOWER_IS_BETTER = {"load_peak_rss_ratio"}
 
@@ -321,6 +323,66 @@ def bench_vlt_cache(tmp: str, device, quick: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------- loading memory
+
+def _write_frames(folder: str, n: int, h: int, w: int, ext: str, seed: int):
+    """A clip of `n` frames that compress like filmed ones: a smooth background, a moving
+    bright shape (the signer's hands) and mild sensor noise; PNG (Phoenix) or JPEG q95 (CSL-Daily)."""
+    import numpy as np
+    from PIL import Image
+    os.makedirs(folder)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    background = np.stack([80 + 60 * yy / h, 90 + 40 * xx / w, 110 + 30 * (yy + xx) / (h + w)], -1)
+    for i in range(n):
+        cy, cx = h * (0.4 + 0.2 * math.sin(i / 5)), w * (0.5 + 0.25 * math.cos(i / 7))
+        blob = 120 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (0.06 * min(h, w)) ** 2))
+        img = np.clip(background + blob[..., None] + rng.normal(0, 3, (h, w, 3)), 0, 255).astype(np.uint8)
+        name = os.path.join(folder, f"images{i + 1:04d}.{ext}")
+        Image.fromarray(img).save(name, **({"quality": 95} if ext == "jpg" else {}))
+
+
+def bench_loader(tmp: str, quick: bool) -> dict:
+    """Frames/s of one process (one core: one torch thread) through ClipDataset with the VCP
+    train transform at 336 px (resize 384, crop, rotation, flip, colour jitter), over the
+    decode-only limit: Pillow decoding the same files alone. What a DataLoader worker gives."""
+    import numpy as np
+    from PIL import Image
+    from data import ClipDataset, VideoTransform
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows_out = {}
+    try:
+        for kind, (h, w, ext) in {"png": (260, 210, "png"), "jpeg": (512, 512, "jpg")}.items():
+            n_clips, n_frames = (2, 16) if quick else (4, 48)
+            rows = []
+            for c in range(n_clips):
+                folder = os.path.join(tmp, f"loader_{kind}", f"clip{c}")
+                _write_frames(folder, n_frames, h, w, ext, seed=c)
+                rows.append({"id": f"{kind}{c}", "video": folder, "text": "x"})
+            files = [os.path.join(r["video"], f) for r in rows for f in sorted(os.listdir(r["video"]))]
+            dataset = ClipDataset(rows, VideoTransform(336, 384, train=True), train=True, seed=0)
+
+            def decode():
+                for f in files:
+                    with Image.open(f) as im:
+                        np.asarray(im.convert("RGB"))
+
+            def load():
+                dataset.set_epoch(dataset.epoch + 1)
+                for i in range(len(dataset)):
+                    dataset[i]
+            times = {k: statistics.median(v) for k, v in
+                     interleaved({"decode": decode, "load": load}, repeats=3 if quick else 5).items()}
+            frames = len(files)
+            rows_out[kind] = {"ours": frames / times["load"], "baseline": frames / times["decode"],
+                              "ratio": times["decode"] / times["load"]}
+    finally:
+        torch.set_num_threads(threads)
+    return {"ours": rows_out["png"]["ours"], "baseline": rows_out["png"]["baseline"],
+            "ratio": rows_out["png"]["ratio"], "jpeg_ratio": rows_out["jpeg"]["ratio"], "rows": rows_out,
+            "unit": "frames/s on one core", "baseline_is": "Pillow decoding alone",
+            "shape": "336 px VCP train transform; png 210x260 (Phoenix), jpeg 512x512 (CSL-Daily)"}
+
 
 def write_sharded_checkpoint(folder: str, target_bytes: float, shard_bytes: float = 100e6) -> int:
     """A Qwen2-shaped bf16 checkpoint of about target_bytes in shards, written tensor by tensor
@@ -690,7 +752,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="", help="also write the JSON here")
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats: a smoke run")
     p.add_argument("--only", default="",
-                   help="comma-separated figures: prefill, greedy, beam, vit, vlt, load, cuda")
+                   help="comma-separated figures: prefill, greedy, beam, vit, vlt, load, loader, cuda")
     p.add_argument("--peak_tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads; 0 (default): the cores other processes leave idle")
@@ -725,6 +787,13 @@ def main(argv=None) -> int:
             run_figure("vlt_cache_speedup", lambda: bench_vlt_cache(tmp, device, args.quick), results, details)
         if want("load"):
             run_figure("load_peak_rss_ratio", lambda: bench_load_rss(tmp, args.quick), results, details)
+        if want("loader"):
+            run_figure("loader_png_ratio", lambda: bench_loader(tmp, args.quick), results, details)
+            if results.get("loader_png_ratio") is not None:
+                results["loader_jpeg_ratio"] = round(details["loader_png_ratio"]["jpeg_ratio"], 3)
+                details["loader_jpeg_ratio"] = {**details["loader_png_ratio"]["rows"]["jpeg"], "unit": "frames/s on one core",
+                                                "baseline_is": "Pillow decoding alone",
+                                                "shape": "336 px VCP train transform, jpeg 512x512 (CSL-Daily)"}
         cuda = cuda_figures(device, args.quick, args.peak_tflops) if device.type == "cuda" and want("cuda") else None
     print_table(results, details)
     if cuda is not None:

@@ -29,8 +29,8 @@ from eval import EvalConfig, score, translate
 from hf import checkpoint_folder, file_sha256, read_json, read_safetensors, safetensors_metadata
 from losses import lm_loss
 from model import LLM, Connector, LLaVASLT, PrefixCache, Tokenizer, apply_lora
-from training import (TrainConfig, check_out, cli, fit, make_optimizer, parse_config, seed_everything,
-                      setup_distributed, trainable_in_fp32)
+from training import (TrainConfig, check_out, cli, fit, loader_workers, make_optimizer, parse_config,
+                      seed_everything, setup_distributed, trainable_in_fp32)
 from vision import VCPModel
 
 
@@ -286,13 +286,14 @@ def main(argv):
     else:
         model.visual_encoder.to(dist.device)
         path = os.path.join(cache_dir, f"{cfg.split}-{cfg.visual_tokens}.safetensors")
-        features = build_cache(path, model, rows, dist, cfg.batch_size, cfg.num_workers,
+        features = build_cache(path, model, rows, dist, cfg.batch_size, loader_workers(cfg.num_workers, dist.device),
                                fingerprint(checkpoint_folder(vcp), rows, cfg.visual_tokens))
         dataset = CachedVLTDataset(rows, features, tok, system)
         collate = lambda items: collate_cached(items, tok.pad_token_id)  # noqa: E731
         dev = dict(features=build_cache(
             os.path.join(cache_dir, f"{cfg.dev_split}-{cfg.visual_tokens}.safetensors"), model, dev_rows, dist,
-            cfg.batch_size, cfg.num_workers, fingerprint(checkpoint_folder(vcp), dev_rows, cfg.visual_tokens))
+            cfg.batch_size, loader_workers(cfg.num_workers, dist.device),
+            fingerprint(checkpoint_folder(vcp), dev_rows, cfg.visual_tokens))
             if dev_rows else {})
         model.visual_encoder = None  # not needed while training on the cache; saved by path
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

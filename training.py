@@ -119,7 +119,7 @@ class TrainConfig:
     patience: int = 0                    # validations without a new best before stopping; 0: never stop early
     resume: bool = False                 # continue from the checkpoint in `out`, if there is one
     time_limit: Optional[float] = None   # seconds of training, then save and stop
-    num_workers: int = 0                 # DataLoader worker processes
+    num_workers: int = -1                # DataLoader worker processes; -1: auto (a share of the cores on CUDA, 0 on CPU)
     device: str = "auto"                 # auto (cuda if available) | cpu | cuda | cuda:N
 
     def __post_init__(self):
@@ -128,10 +128,12 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "log_every", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)}: must be at least 1")
-        for name in ("epochs", "max_steps", "save_every", "save_every_minutes", "num_workers", "max_grad_norm",
+        for name in ("epochs", "max_steps", "save_every", "save_every_minutes", "max_grad_norm",
                      "eval_every", "patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name}={getattr(self, name)}: must not be negative")
+        if self.num_workers < -1:
+            raise ValueError(f"--num_workers={self.num_workers}: must be -1 (auto) or at least 0")
         if not 0.0 < self.pct_start < 1.0:
             raise ValueError(f"--pct_start={self.pct_start}: must be between 0 and 1")
         if self.time_limit is not None and self.time_limit <= 0:
@@ -515,6 +517,20 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start_index
 
 
+def loader_workers(num_workers: int, device, in_memory: bool = False) -> int:
+    """--num_workers, with -1 resolved: on CUDA the processes on this machine share its cores,
+    one each kept for the training process, at most 8 (decoding 336 px PNG/JPEG frames is what
+    feeds a GPU; one process would starve it); on the CPU, 0 (workers would take the cores the
+    model computes on). Data held in memory (cache_videos) is read in the main process: each
+    worker would hold its own copy."""
+    if num_workers >= 0:
+        return num_workers
+    if in_memory or torch.device(device).type != "cuda":
+        return 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(8, (os.cpu_count() or 2) // local - 1))
+
+
 def _seed_worker(worker_id: int):
     # torch seeds python `random` and torch in each worker; numpy needs it too
     np.random.seed(torch.initial_seed() % 2**32)
@@ -592,17 +608,36 @@ def recover_checkpoint(folder: str):
     (the marker; an unfinished write may also be empty) are touched."""
     folder = os.path.normpath(folder)
     old = folder + ".old"
-    if is_ours(old):
-        if os.path.isdir(folder):
-            shutil.rmtree(old)
-        else:
-            os.rename(old, folder)
+    if is_ours(old) and not os.path.isdir(folder):
+        os.rename(old, folder)
+    elif is_ours(old) or _empty_dir(old):
+        _remove_ours(old)
     parent, base = os.path.dirname(folder) or ".", os.path.basename(folder)
     if os.path.isdir(parent):
         for name in os.listdir(parent):
             path = os.path.join(parent, name)
-            if name.startswith(base + ".tmp-") and os.path.isdir(path) and (is_ours(path) or not os.listdir(path)):
-                shutil.rmtree(path, ignore_errors=True)
+            if name.startswith(base + ".tmp-") and (is_ours(path) or _empty_dir(path)):
+                _remove_ours(path)
+
+
+def _empty_dir(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
+
+
+def _remove_ours(path: str):
+    """Remove a folder a run wrote, its marker last: a kill midway leaves it still marked as
+    ours (or empty), so the next run finishes the job instead of taking it for a user's."""
+    for name in os.listdir(path):
+        entry = os.path.join(path, name)
+        if name == RUN_MARKER:
+            continue
+        if os.path.isdir(entry) and not os.path.islink(entry):
+            shutil.rmtree(entry)
+        else:
+            os.remove(entry)
+    if os.path.exists(os.path.join(path, RUN_MARKER)):
+        os.remove(os.path.join(path, RUN_MARKER))
+    os.rmdir(path)
 
 
 def _marker(folder: str) -> Optional[dict]:
@@ -632,7 +667,7 @@ def check_out(folder: str, stage: str, **inputs):
         raise ValueError(f"--out={folder}: holds the output of a {marker.get('stage')} run, this is {stage}; "
                          "choose another folder")
     old = folder + ".old"
-    if os.path.exists(old) and not is_ours(old):
+    if os.path.exists(old) and not is_ours(old) and not _empty_dir(old):
         raise ValueError(f"{old}: exists and was not written by a llava-slt run; a save renames {folder} "
                          "there for a moment: move it away")
 
@@ -781,11 +816,13 @@ def save_checkpoint(folder: str, tensors: Optional[dict] = None, config: Optiona
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = folder + ".old"
+    if _empty_dir(old):
+        os.rmdir(old)
     if os.path.exists(folder):
         os.rename(folder, old)
     os.rename(tmp, folder)
     if os.path.exists(old):
-        shutil.rmtree(old)
+        _remove_ours(old)
 
 
 def load_checkpoint(folder: str) -> dict:
@@ -942,7 +979,9 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
     dist.barrier()
     check_out(out, stage)                 # on every rank, so all stop together
 
-    batches = _Batches(dataset, collate_fn, cfg.batch_size, cfg.num_workers, cfg.seed, dist, drop_last)
+    workers = loader_workers(cfg.num_workers, device, in_memory=getattr(dataset, "videos", None) is not None
+                             or getattr(getattr(dataset, "clips", None), "videos", None) is not None)
+    batches = _Batches(dataset, collate_fn, cfg.batch_size, workers, cfg.seed, dist, drop_last)
     total_steps = cfg.max_steps or cfg.epochs * batches.batches_per_epoch // cfg.grad_accum
     if batches.batches_per_epoch == 0:
         raise ValueError(f"fit: {len(dataset)} items on {dist.world_size} process(es) fill no batch of "

@@ -789,3 +789,39 @@ def test_resume_keeps_the_best_so_far(tmp_path):
     for k in a["tensors"]:
         assert torch.equal(a["tensors"][k], b["tensors"][k]), k        # the best: step 2's weights
     assert torch.equal(snaps[-1]["net.0.weight"], whole_snaps[-1]["net.0.weight"])  # and the run continued exactly
+
+
+def test_loader_workers_feed_a_gpu_and_stay_out_of_the_way_on_a_cpu(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert training.loader_workers(-1, "cuda") == 7            # 64 cores / 8 processes, one kept for training
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert training.loader_workers(-1, "cuda:0") == 8          # at most 8
+    assert training.loader_workers(-1, "cpu") == 0 and training.loader_workers(3, "cpu") == 3
+    assert training.loader_workers(-1, "cuda", in_memory=True) == 0
+    assert TrainConfig().num_workers == -1
+    with pytest.raises(ValueError, match="--num_workers=-2"):
+        TrainConfig(num_workers=-2)
+
+
+def test_a_kill_while_removing_the_old_folder_is_finished_later(tmp_path, monkeypatch):
+    """The old checkpoint is removed with its marker last, so a kill midway leaves it marked as
+    ours: the next save removes it, instead of refusing it as a user's FOLDER.old."""
+    ck = tmp_path / "ck"
+    _, _, state = _train_state()
+    save_checkpoint(ck, tensors={"w": torch.zeros(2)}, train_state=state, config={"v": 1})
+    real, calls = os.remove, []
+
+    def dies_after_two(path):
+        calls.append(path)
+        if len(calls) > 2:
+            raise KeyboardInterrupt("killed")
+        real(path)
+    monkeypatch.setattr(training.os, "remove", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(ck, tensors={"w": torch.ones(2)}, train_state=state, config={"v": 2})
+    monkeypatch.undo()
+    assert (tmp_path / "ck.old" / training.RUN_MARKER).is_file() and len(os.listdir(tmp_path / "ck.old")) < 5
+    assert load_checkpoint(ck)["config"] == {"v": 2}
+    save_checkpoint(ck, tensors={"w": torch.ones(2)}, train_state=state, config={"v": 3})
+    assert sorted(os.listdir(tmp_path)) == ["ck"] and load_checkpoint(ck)["config"] == {"v": 3}
