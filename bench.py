@@ -33,6 +33,8 @@ Figures (JSON keys):
                          fresh process: peak RSS (Linux VmHWM) minus RSS after imports, over the size
   loader_png_ratio       frames/s of ClipDataset (VCP train transform, 336 px) on one core over Pillow
   loader_jpeg_ratio      decoding the same frames alone: Phoenix-like 210x260 PNG, CSL-Daily-like 512x512 JPEG
+  vcp_mib_per_frame      MiB the ViT-B/14 (336 px, LoRA, bf16 autocast) keeps per frame for the backward pass
+                         with grad_checkpointing; vcp_readme_activation_gib: the README's VCP command's estimate
   cuda_*                 (CUDA only) VCP / VLT training MFU in bf16 and eval clips/s
 
 The VLT figure uses train_vlt.py's own cache and datasets (build_cache, CachedVLTDataset,
@@ -382,6 +384,30 @@ def bench_loader(tmp: str, quick: bool) -> dict:
             "ratio": rows_out["png"]["ratio"], "jpeg_ratio": rows_out["jpeg"]["ratio"], "rows": rows_out,
             "unit": "frames/s on one core", "baseline_is": "Pillow decoding alone",
             "shape": "336 px VCP train transform; png 210x260 (Phoenix), jpeg 512x512 (CSL-Daily)"}
+
+
+def bench_vcp_memory(quick: bool) -> dict:
+    """MiB kept for the backward pass per frame by the ViT-B/14 at 336 px with LoRA under bf16
+    autocast (the paper's VCP), measured by counting the tensors autograd saves (any device):
+    with grad_checkpointing (a chunk is recomputed in the backward pass) and without. And the
+    README's VCP command (batch 16 x 256 frames, chunks of 64) by train_vcp's start-up estimate."""
+    import train_vcp
+    from vision import HierarchicalConfig, VCPConfig, VCPModel, ViTConfig
+    size, layers = (224, 4) if quick else (336, 12)
+    est = {}
+    for ckpt in (True, False):
+        cfg = VCPConfig(vit=ViTConfig(hidden_size=768, num_hidden_layers=layers, num_attention_heads=12,
+                                      patch_size=14, image_size=size), vit_path="", image_size=size, resize=size,
+                        vit_tuning="lora", grad_checkpointing=ckpt, vit_chunk_size=64,
+                        hier=HierarchicalConfig(dim=768, heads=12))
+        est[ckpt] = train_vcp.activation_estimate(VCPModel(cfg, None), 16 * 256, "cpu", "bf16")
+    return {"ours": est[True]["mib_per_frame"], "baseline": est[False]["mib_per_frame"],
+            "ratio": est[True]["mib_per_frame"] / est[False]["mib_per_frame"],
+            "readme_vcp_gib": est[True]["gib"], "readme_vcp_gib_without_checkpointing": est[False]["gib"],
+            "unit": "MiB kept per frame", "baseline_is": "no checkpointing",
+            "shape": f"ViT-B/14 {layers} layers, {size} px, LoRA r=8, bf16 autocast; README VCP command: "
+                     f"{est[True]['gib']:.1f} GiB of activations per GPU (without checkpointing "
+                     f"{est[False]['gib']:.0f} GiB)"}
 
 
 def write_sharded_checkpoint(folder: str, target_bytes: float, shard_bytes: float = 100e6) -> int:
@@ -752,7 +778,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="", help="also write the JSON here")
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats: a smoke run")
     p.add_argument("--only", default="",
-                   help="comma-separated figures: prefill, greedy, beam, vit, vlt, load, loader, cuda")
+                   help="comma-separated figures: prefill, greedy, beam, vit, vlt, load, loader, memory, cuda")
     p.add_argument("--peak_tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads; 0 (default): the cores other processes leave idle")
@@ -787,6 +813,16 @@ def main(argv=None) -> int:
             run_figure("vlt_cache_speedup", lambda: bench_vlt_cache(tmp, device, args.quick), results, details)
         if want("load"):
             run_figure("load_peak_rss_ratio", lambda: bench_load_rss(tmp, args.quick), results, details)
+        if want("memory"):
+            run_figure("vcp_mib_per_frame", lambda: bench_vcp_memory(args.quick), results, details)
+            if results.get("vcp_mib_per_frame") is not None:  # the figure itself, not the ratio
+                results["vcp_mib_per_frame"] = round(details["vcp_mib_per_frame"]["ours"], 3)
+                gib = details["vcp_mib_per_frame"]["readme_vcp_gib"]
+                results["vcp_readme_activation_gib"] = round(gib, 1)
+                details["vcp_readme_activation_gib"] = {
+                    "ours": gib, "baseline": 80.0, "ratio": gib / 80, "unit": "GiB of activations per GPU",
+                    "baseline_is": "an 80 GB GPU",
+                    "shape": "the README's VCP command: batch 16 x 256 frames, ViT-B/14 336 px, chunks of 64"}
         if want("loader"):
             run_figure("loader_png_ratio", lambda: bench_loader(tmp, args.quick), results, details)
             if results.get("loader_png_ratio") is not None:

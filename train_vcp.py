@@ -27,8 +27,8 @@ from data import ClipDataset, VideoTransform, collate_clips, language_of, load_r
 from hf import checkpoint_folder, read_safetensors
 from losses import clip_loss, signcl_loss
 from model import Tokenizer
-from training import (TrainConfig, check_out, cli, fit, make_optimizer, parse_config, seed_everything,
-                      setup_distributed, trainable_in_fp32)
+from training import (TrainConfig, autocast, check_out, cli, fit, make_optimizer, parse_config, resolve_precision,
+                      seed_everything, setup_distributed, trainable_in_fp32)
 from vision import (HierarchicalConfig, TextEncoder, TextEncoderConfig, VCPConfig, VCPModel, ViTConfig,
                     load_text_encoder)
 
@@ -134,6 +134,45 @@ def encode_sentences(text_encoder, texts, lang, device, batch_size=64):
     return torch.cat(out)
 
 
+def kept_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass while `fn()` runs (each storage
+    once, parameters excluded): the activation memory of a forward, on any device."""
+    seen = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def activation_estimate(model: VCPModel, frames_per_batch: int, device, precision: str) -> dict:
+    """The activation memory of one micro-batch where it is large (section 3.2: the ViT at
+    336 px), measured on one frame: the frames themselves (fp32) and what the ViT keeps for the
+    backward pass per frame, times the batch's frames, plus, with grad_checkpointing, the
+    recompute of one chunk (--vit_chunk_size frames). The hierarchical encoder's share is
+    small beside it (its tokens are the frames' CLS features, not their patches)."""
+    vit, size = model.vit, model.cfg.image_size
+    x = torch.zeros(2, 3, size, size, device=device)
+    was_training, ckpt = vit.training, vit.grad_checkpointing
+    vit.train()
+    try:
+        with autocast(torch.device(device), precision):
+            vit.grad_checkpointing = False
+            full = (kept_bytes(lambda: vit(x)) - kept_bytes(lambda: vit(x[:1]))) or 1  # per frame: the slope
+            vit.grad_checkpointing = ckpt
+            per_frame = kept_bytes(lambda: vit(x)) - kept_bytes(lambda: vit(x[:1])) if ckpt else full
+    finally:
+        vit.grad_checkpointing = ckpt
+        vit.train(was_training)
+    peak = full * min(vit.chunk_size or frames_per_batch, frames_per_batch) if ckpt else 0
+    pixels = 3 * size * size * 4  # one fp32 frame of the batch
+    return {"mib_per_frame": per_frame / 2**20, "full_mib_per_frame": full / 2**20,
+            "gib": ((per_frame + pixels) * frames_per_batch + peak) / 2**30}
+
+
 @torch.no_grad()
 def validate(model: VCPModel, clips: ClipDataset, text_sentence, dist, batch_size: int) -> dict:
     """Dev CLIP loss and video->text recall@1 over the whole dev split (section 3.2; the paper
@@ -199,6 +238,13 @@ def main(argv):
     dist.log(f"{len(rows)} clips ({language}); VCP model {n_train / 1e6:.2f}M trainable parameters")
     trainable_in_fp32(model)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    # a micro-batch of clips that all reach --max_frames is the longest one
+    est = activation_estimate(model.to(dist.device), cfg.batch_size * cfg.max_frames, dist.device,
+                              resolve_precision(cfg.precision, dist.device))
+    dist.log(f"activation memory estimate (ViT): {est['gib']:.1f} GiB per process for the longest micro-batch "
+             f"({cfg.batch_size} clips x {cfg.max_frames} frames; {est['mib_per_frame']:.3g} MiB kept per frame "
+             f"beside its pixels"
+             + (f", plus the recompute of {cfg.vit_chunk_size} frames)" if cfg.grad_checkpointing else ")"))
 
     def train_step(model, batch):
         out = model(batch["frames"], batch["frame_mask"], text_sentence=text_sentence[batch["index"]])

@@ -272,8 +272,12 @@ class ViT(nn.Module):
     """DINOv2 backbone. vit(pixel_values (N, 3, H, W), ImageNet-normalised) -> CLS (N, D).
 
     Any H, W divisible by the patch size; frames run `chunk_size` at a time so a long video
-    does not hold every frame's attention at once. `grad_checkpointing` recomputes each
-    layer in the backward pass (GPU training with long clips).
+    does not hold every frame's attention at once. `grad_checkpointing` keeps nothing of a
+    chunk for the backward pass but its output and recomputes the chunk there: per frame,
+    memory then holds the CLS feature instead of every layer's activations (checkpointing each
+    layer instead would still keep the residual stream at all 12 layer boundaries, 21.75 MiB
+    per 336 px frame of ViT-B/14), at the price of one more forward of the ViT; the peak of
+    the recompute is one chunk's activations (lower --vit_chunk_size to lower it).
     """
 
     def __init__(self, config: ViTConfig, chunk_size: int = 64, grad_checkpointing: bool = False):
@@ -308,10 +312,7 @@ class ViT(nn.Module):
             # When only CLS is wanted, the last layer computes it alone: its MLP and attention
             # output for the patch tokens would be thrown away (~7% of a 12-layer ViT's FLOPs).
             n_queries = 1 if cls_only and i == last else None
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, n_queries, use_reentrant=False)
-            else:
-                x = layer(x, n_queries)
+            x = layer(x, n_queries)
         return self.layernorm(x)
 
     def forward(self, pixel_values, all_tokens: bool = False, chunk_size: int | None = None):
@@ -322,8 +323,12 @@ class ViT(nn.Module):
             raise ValueError(f"ViT: image size {H}x{W} is not a multiple of the patch size {p}")
         chunk = chunk_size or self.chunk_size or N
         outs = []
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i in range(0, N, chunk):
-            x = self._run(pixel_values[i:i + chunk], cls_only=not all_tokens)  # (n, L or 1, D)
+            if recompute:
+                x = checkpoint(self._run, pixel_values[i:i + chunk], not all_tokens, use_reentrant=False)
+            else:
+                x = self._run(pixel_values[i:i + chunk], cls_only=not all_tokens)  # (n, L or 1, D)
             outs.append(x if all_tokens else x[:, 0])
         if not outs:  # no frames: keep the shapes right
             L = 1 + self.config.num_register_tokens + (H // p) * (W // p)
@@ -558,6 +563,17 @@ class MBartEncoderLayer(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
 
 
+def _right_pad(rows, pad_id: int) -> tuple:
+    """Token id lists -> input_ids (B, T) right-padded with pad_id, attention_mask (B, T)."""
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        input_ids[i, :len(r)] = torch.tensor(r)
+        attention_mask[i, :len(r)] = True
+    return input_ids, attention_mask
+
+
 class TextEncoder(nn.Module):
     """mBART encoder: enc(input_ids (B, T), attention_mask (B, T)) -> states (B, T, D).
 
@@ -631,13 +647,7 @@ class TextEncoder(nn.Module):
                 raise ValueError(f"text encoder: text {i} is empty")
             ids = tok.encode(text, add_special_tokens=False).ids[:max_length - 2]
             rows.append(ids + [eos, code])
-        T = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), T), self.config.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(len(rows), T, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            input_ids[i, :len(r)] = torch.tensor(r)
-            attention_mask[i, :len(r)] = True
-        return input_ids, attention_mask
+        return _right_pad(rows, self.config.pad_token_id)
 
     @classmethod
     def from_pretrained(cls, folder: str, dtype=torch.float32, device="cpu",
@@ -703,13 +713,7 @@ class LLMTextEncoder(nn.Module):
             if not text or not text.strip():
                 raise ValueError(f"text encoder: text {i} is empty")
             rows.append(self.tokenizer.encode(text)[:max_length or self.config.max_position_embeddings])
-        T = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), T), self.config.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(len(rows), T, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            input_ids[i, :len(r)] = torch.tensor(r)
-            attention_mask[i, :len(r)] = True
-        return input_ids, attention_mask
+        return _right_pad(rows, self.config.pad_token_id)
 
     def sentence_embedding(self, input_ids, attention_mask):  # (B, T) -> (B, D)
         states = self.llm(input_ids, attention_mask=attention_mask, hidden_states=True)  # (B, T, D)

@@ -463,3 +463,23 @@ def test_an_llm_as_text_supervisor_is_the_mean_of_its_last_hidden_states(tmp_pat
         ref = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     assert max_diff(ours[0], ours[1]) > 1e-2
+
+
+def test_checkpointing_keeps_no_layer_activations_per_frame():
+    """With grad_checkpointing a chunk of frames keeps nothing for the backward pass but what
+    leaves it; without, every layer's activations per frame (the slope over frames)."""
+    from train_vcp import activation_estimate, kept_bytes
+    torch.manual_seed(0)
+    vit = randomize(ViT(ViTConfig(**DINO))).train()
+    x = torch.randn(4, 3, 16, 16)
+    slopes = {}
+    for ckpt in (False, True):
+        vit.grad_checkpointing = ckpt
+        slopes[ckpt] = (kept_bytes(lambda: vit(x, chunk_size=4)) - kept_bytes(lambda: vit(x[:2], chunk_size=4))) / 2
+    assert slopes[False] > 10_000 and slopes[True] == 0, slopes
+    cfg = VCPConfig(vit=ViTConfig(**DINO), vit_path="", image_size=16, resize=16, vit_tuning="lora",
+                    grad_checkpointing=True, vit_chunk_size=8, hier=HierarchicalConfig(dim=16, heads=2))
+    est = activation_estimate(VCPModel(cfg, None), 100, "cpu", "fp32")
+    frame = 3 * 16 * 16 * 4
+    assert est["mib_per_frame"] == 0 and est["full_mib_per_frame"] * 2**20 > 10_000
+    assert est["gib"] * 2**30 == pytest.approx(100 * frame + 8 * est["full_mib_per_frame"] * 2**20, rel=1e-9)
