@@ -735,12 +735,20 @@ def test_vlt_validation_equals_eval_and_two_processes(pipe, tmp_path):
     run(["train_cpt.py", f"--corpus={pipe.data}/corpus.jsonl", f"--out={cpt}"] + CPT_FLAGS
         + ["--max_steps=40", "--lr=1e-2", "--log_every=40"])
     args = [f"--data={pipe.data}", f"--cpt={cpt}", f"--vcp={pipe.vcp}", f"--cache={pipe.cache}",
-            "--eval_every=2", "--eval_max_new_tokens=12"] + VLT_FLAGS
+            "--eval_every=2", "--eval_max_new_tokens=12", "--patience=2"] + VLT_FLAGS
     one, two = tmp_path / "one", tmp_path / "two"
     out = run(["train_vlt.py", f"--out={one}", "--batch_size=8"] + args).stdout
     assert "| dev dev_bleu4 " in out
     dev = [r for r in metrics(one) if "dev_bleu4" in r]
-    assert [r["step"] for r in dev] == [2, 4, 6, 8] and any(r["dev_rouge"] > 0 for r in dev)
+    assert any(r["dev_rouge"] > 0 for r in dev)
+    # patience 2: the run stops at the second validation in a row without a new best
+    bad, stop = 0, None
+    for r in dev:
+        bad = 0 if r["best_step"] == r["step"] else bad + 1
+        if bad == 2:
+            stop = r["step"]
+            break
+    assert stop is not None and stop < 8 and dev[-1]["step"] == stop and f"stopped at step {stop}" in out
     best = next(r for r in dev if r["step"] == dev[-1]["best_step"])
     scores = tmp_path / "s.json"
     run(["eval.py", f"--checkpoint={one}", f"--data={pipe.data}", "--split=dev", "--num_beams=1",
