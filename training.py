@@ -536,9 +536,40 @@ def _seed_worker(worker_id: int):
     np.random.seed(torch.initial_seed() % 2**32)
 
 
+class _WithEpoch(torch.utils.data.Dataset):
+    """The dataset, read by (epoch, index): a worker that lives across epochs (persistent
+    workers) holds its own copy of the dataset, so the epoch of its per-(seed, epoch, index)
+    random draws comes with each index instead of from `set_epoch` in the main process."""
+
+    def __init__(self, dataset):
+        self.dataset, self.epoch = dataset, None
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        if epoch != self.epoch and hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        self.epoch = epoch
+        return self.dataset[index]
+
+
+class _EpochIndices(torch.utils.data.Sampler):
+    def __init__(self, sampler: ResumableSampler):
+        self.sampler = sampler
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        return ((self.sampler.epoch, i) for i in self.sampler)
+
+
 class _Batches:
     """Endless micro-batches, epoch after epoch; `epoch` and `position` (this rank's samples
-    consumed in the epoch) say where it stands after the last batch handed out."""
+    consumed in the epoch) say where it stands after the last batch handed out. One
+    DataLoader for the whole run: its workers (if any) persist across epochs."""
 
     def __init__(self, dataset, collate_fn, batch_size: int, num_workers: int, seed: int, dist: Dist,
                  drop_last: bool = False, epoch: int = 0, position: int = 0):
@@ -553,17 +584,16 @@ class _Batches:
         return math.floor(n) if self.drop_last else math.ceil(n)
 
     def __iter__(self):
+        # the loader's own generator, so that making it draws nothing from the global RNG
+        # (a resumed run makes its loader at another moment than the uninterrupted one)
+        seq = np.random.SeedSequence([self.seed, self.epoch, self.dist.rank]).generate_state(1)[0]
+        loader = DataLoader(_WithEpoch(self.dataset), batch_size=self.batch_size, sampler=_EpochIndices(self.sampler),
+                            collate_fn=self.collate_fn, num_workers=self.num_workers,
+                            persistent_workers=self.num_workers > 0, pin_memory=self.dist.device.type == "cuda",
+                            drop_last=self.drop_last, generator=torch.Generator().manual_seed(int(seq)),
+                            worker_init_fn=_seed_worker)
         while True:
-            self.sampler.set_epoch(self.epoch, self.position)
-            if hasattr(self.dataset, "set_epoch"):   # datasets that draw per-(seed, epoch, index) randomness
-                self.dataset.set_epoch(self.epoch)
-            # the loader's own generator, so that making it draws nothing from the global RNG
-            # (a resumed run makes its loader at another moment than the uninterrupted one)
-            seq = np.random.SeedSequence([self.seed, self.epoch, self.dist.rank]).generate_state(1)[0]
-            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
-                                collate_fn=self.collate_fn, num_workers=self.num_workers,
-                                pin_memory=self.dist.device.type == "cuda", drop_last=self.drop_last,
-                                generator=torch.Generator().manual_seed(int(seq)), worker_init_fn=_seed_worker)
+            self.sampler.set_epoch(self.epoch, self.position)   # read by the loader's next pass
             for batch in loader:
                 self.position = min(self.position + self.batch_size, self.sampler.num_samples)
                 yield batch

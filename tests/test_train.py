@@ -825,3 +825,40 @@ def test_a_kill_while_removing_the_old_folder_is_finished_later(tmp_path, monkey
     assert load_checkpoint(ck)["config"] == {"v": 2}
     save_checkpoint(ck, tensors={"w": torch.ones(2)}, train_state=state, config={"v": 3})
     assert sorted(os.listdir(tmp_path)) == ["ck"] and load_checkpoint(ck)["config"] == {"v": 3}
+
+
+class _EpochData(ToyData):
+    """Draws per (epoch, index), like ClipDataset; says which process made each item."""
+
+    def __init__(self):
+        super().__init__(n=32)
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        g = torch.Generator().manual_seed(1000 * self.epoch + i)
+        item["x"] = item["x"] + 0.1 * torch.randn(item["x"].shape, generator=g)
+        return {**item, "pid": torch.tensor(os.getpid()), "epoch": torch.tensor(self.epoch)}
+
+
+def test_persistent_workers_draw_each_epochs_randomness(tmp_path):
+    seen = {}
+    for workers in (0, 2):
+        pids, epochs = set(), []
+
+        def step(model, batch):
+            pids.update(batch["pid"].tolist())
+            epochs.append(int(batch["epoch"][0]))
+            return sum_step(model, batch)
+        cfg = TrainConfig(out=str(tmp_path / f"w{workers}"), max_steps=12, batch_size=8, lr=3e-2, log_every=1,
+                          device="cpu", num_workers=workers)
+        seed_everything(0)
+        model = MLP()
+        seen[workers] = (fit(model, step, _EpochData(), make_optimizer(model, cfg.lr, 0.0), cfg)["losses"], pids,
+                         epochs)
+    assert seen[2][0] == seen[0][0]                     # the same batches, bit for bit
+    assert seen[2][2] == seen[0][2] == [0] * 4 + [1] * 4 + [2] * 4
+    assert len(seen[2][1]) == 2 and os.getpid() not in seen[2][1]   # two workers, the same ones every epoch
