@@ -35,7 +35,8 @@ Figures (JSON keys):
   loader_jpeg_ratio      decoding the same frames alone: Phoenix-like 210x260 PNG, CSL-Daily-like 512x512 JPEG
   vcp_mib_per_frame      MiB the ViT-B/14 (336 px, LoRA, bf16 autocast) keeps per frame for the backward pass
                          with grad_checkpointing; vcp_readme_activation_gib: the README's VCP command's estimate
-  cuda_*                 (CUDA only) VCP / VLT training MFU in bf16 and eval clips/s
+  cuda_*                 (CUDA only) VCP / VLT training MFU in bf16, eval clips/s, and the peak memory of
+                         one VCP step at the README's size (cuda_vcp_peak, beside the start-up estimate)
 
 The VLT figure uses train_vlt.py's own cache and datasets (build_cache, CachedVLTDataset,
 VideoVLTDataset), so it measures the code that trains; it is the one place a script imports
@@ -602,6 +603,33 @@ def bench_vcp_mfu(device, quick: bool, peak) -> dict:
     return row
 
 
+def bench_vcp_peak(device, quick: bool) -> dict:
+    """Peak GPU memory of one VCP step at the README's command's size: 16 clips x 256 frames of
+    ViT-B/14 at 336 px, LoRA, grad_checkpointing with chunks of 64, bf16 autocast, AdamW; beside
+    train_vcp's start-up estimate of the activations (quick: 2 clips x 32 frames)."""
+    import train_vcp
+    from losses import clip_loss
+    from training import make_optimizer
+    from vision import VCPConfig, VCPModel, ViTConfig
+    B, T = (2, 32) if quick else (16, 256)
+    torch.manual_seed(0)
+    model = VCPModel(VCPConfig(vit=ViTConfig(image_size=336), image_size=336, resize=384, vit_tuning="lora",
+                               grad_checkpointing=True, vit_chunk_size=64)).to(device).train()
+    estimate = train_vcp.activation_estimate(model, B * T, device, "bf16")["gib"]
+    optimizer = make_optimizer(model, 2e-4, 1e-5)
+    torch.cuda.reset_peak_memory_stats(device)
+    frames = torch.randn(B, T, 3, 336, 336, device=device)
+    with _autocast(device):
+        out = model(frames, torch.ones(B, T, dtype=torch.bool, device=device),
+                    text_sentence=torch.randn(B, model.cfg.text_dim, device=device))
+        loss = clip_loss(out["video_emb"], out["text_emb"], out["logit_scale"])
+    loss.backward()
+    optimizer.step()
+    torch.cuda.synchronize(device)
+    return {"peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+            "activation_estimate_gib": round(estimate, 2), "shape": f"{B} clips x {T} frames, 336 px"}
+
+
 def _vlt_model(device, llm_shape: str):
     from model import Connector, LLaVASLT
     llm = _llm_bf16(llm_shape, device)
@@ -686,7 +714,8 @@ def cuda_figures(device, quick: bool, peak_tflops=None) -> dict:
     out = {"peak_source": source, "llm_shape": llm_shape}
     for name, fn in (("cuda_vcp_train", lambda: bench_vcp_mfu(device, quick, peak)),
                      ("cuda_vlt_train", lambda: bench_vlt_mfu(device, llm_shape, quick, peak)),
-                     ("cuda_eval", lambda: bench_eval_speed(device, llm_shape, quick))):
+                     ("cuda_eval", lambda: bench_eval_speed(device, llm_shape, quick)),
+                     ("cuda_vcp_peak", lambda: bench_vcp_peak(device, quick))):
         try:
             out[name] = fn()
         except Exception as e:  # fail soft: report and go on with the next figure
@@ -834,7 +863,7 @@ def main(argv=None) -> int:
     print_table(results, details)
     if cuda is not None:
         print("\nCUDA (bf16):")
-        for name in ("cuda_vcp_train", "cuda_vlt_train", "cuda_eval"):
+        for name in ("cuda_vcp_train", "cuda_vlt_train", "cuda_eval", "cuda_vcp_peak"):
             print(f"  {name:<16} {json.dumps(cuda[name])}")
     import transformers
     if cuda is not None:  # the headline CUDA numbers at the top level too (None where a figure failed)
