@@ -244,7 +244,8 @@ def bench_vlt_cache(tmp: str, device, quick: bool) -> dict:
     cached word features, against one that decodes the videos and runs the frozen visual
     encoder every step (what training without the cache would do). The one-off cache build
     is timed on its own."""
-    from data import ClipDataset, VideoTransform, chat_prefix_ids, load_rows, synthesize, system_prompt
+    from data import ClipDataset, VideoTransform, chat_prefix_ids, load_rows, system_prompt
+    from synth import synthesize
     from losses import lm_loss
     from model import PrefixCache
     from training import Dist, make_optimizer

@@ -1,7 +1,7 @@
 """`make demo`: the whole trilogy on a synthetic sign language, on a CPU, in minutes.
 
 It runs the same scripts with the same flags a GPU user runs (README), only with tiny values:
-    data.py synth -> train_cpt.py -> train_vcp.py -> train_vlt.py (connector) -> train_vlt.py
+    synth.py -> train_cpt.py -> train_vcp.py -> train_vlt.py (connector) -> train_vlt.py
     --full_tune=true -> eval.py on the held-out test split (gloss combinations never seen in
     training), and prints BLEU/ROUGE for the untrained pipeline, the language prior alone
     (text-only: the trained LLM with no visual tokens) and the trained model.
@@ -70,7 +70,7 @@ def main(argv):
         return not cfg.fresh and os.path.isfile(os.path.join(folder, "config.json"))
 
     if cfg.fresh or not os.path.isfile(os.path.join(data, "meta.json")):
-        seconds["data"] = run("synthetic data", ["data.py", "synth", "--out", data, "--seed", str(cfg.seed),
+        seconds["data"] = run("synthetic data", ["synth.py", "--out", data, "--seed", str(cfg.seed),
                                                  "--n_train", str(cfg.n_train), "--n_test", str(cfg.n_test),
                                                  "--overwrite=true"], logs)
     # Stage 1: a tiny Qwen2-shaped LLM and a word-level tokenizer, from scratch, on the corpus

@@ -1,6 +1,6 @@
 """Evaluation of LLaVA-SLT (paper section 4): BLEU-1..4 and ROUGE-L, then the CLI.
 
-Metrics are scored as the field scores them (DESIGN.md section 6), so numbers compare with
+Metrics are scored as the field scores them, so numbers compare with
 the paper's tables:
 - BLEU-n: sacrebleu corpus BLEU with tokenize="none" and max_ngram_order=n, i.e. the
   cumulative BLEU-1..4 that signjoey reports, on the raw strings (no lowercasing, no

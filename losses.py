@@ -10,7 +10,7 @@
 - `lm_loss`: the next-token cross-entropy of Eq. 1, used for continued pretraining (3.1)
   and, with IGNORE_INDEX on everything but the answer, for visual language tuning (3.3).
 
-Imports nothing of ours (DESIGN.md section 1).
+Imports nothing of ours: a fork can copy it alone.
 """
 
 import torch

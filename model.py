@@ -890,7 +890,7 @@ def load_lora(module: nn.Module, folder: str) -> nn.Module:
 # `tokenizers.Tokenizer` (tokenizer.json) plus what a Hugging Face folder keeps beside it:
 # special tokens and the chat template (tokenizer_config.json, chat_template.jinja) and the
 # stop ids (generation_config.json). Prompts come from the folder's own Jinja template,
-# rendered as transformers renders it (DESIGN.md section 3): Llama-3.1's adds a "Cutting
+# rendered as transformers renders it: Llama-3.1's adds a "Cutting
 # Knowledge Date" block, Qwen2.5's a default system prompt, and ids must match to the token.
 
 # Built-in formats, only for folders without a template. Written as Jinja so they take the

@@ -1,4 +1,4 @@
-"""Tests for model.Tokenizer (DESIGN.md section 3, "Tokenizers"), against transformers 5.24.
+"""Tests for model.Tokenizer, against transformers 5.24.
 
 The folders are built here: a byte-level BPE trained on a few sentences and padded to the
 real vocabulary size of Qwen2.5 / Llama-3.1, so that their special tokens sit at their real
