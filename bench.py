@@ -219,7 +219,8 @@ def _demo_models(data: str, device):
     (hidden 128, 3 layers) and a VCP encoder (64-d 2-layer ViT on 32 px, flat pooling,
     1 local + 1 full layer of width 128), random weights: speed does not depend on them."""
     from data import read_corpus, system_prompt
-    from model import Connector, LLaVASLT, Tokenizer
+    from model import Connector, LLaVASLT
+    from tokenizer import Tokenizer
     from vision import HierarchicalConfig, VCPConfig, VCPModel, ViTConfig
     rows = read_corpus(os.path.join(data, "corpus.jsonl"))
     texts = [r["text"] for r in rows] + [r["gloss"] for r in rows if "gloss" in r] + [system_prompt("German")]

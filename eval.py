@@ -24,7 +24,8 @@ from tqdm import tqdm
 from data import (ClipDataset, VideoTransform, build_chat_example, collate_clips, collate_vlt, language_of,
                   load_rows, read_video, sample_indices)
 from hf import checkpoint_folder, read_json
-from model import LLM, Connector, LLaVASLT, LLMConfig, Tokenizer
+from model import LLM, Connector, LLaVASLT, LLMConfig
+from tokenizer import Tokenizer
 from training import cli, parse_config, resolve_device, seed_everything
 from vision import VCPConfig, VCPModel
 

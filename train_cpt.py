@@ -21,7 +21,8 @@ import torch
 
 from data import build_chat_example, collate_vlt, pack_blocks, read_corpus, system_prompt
 from losses import lm_loss
-from model import LLM, LLMConfig, Tokenizer, apply_lora
+from model import LLM, LLMConfig, apply_lora
+from tokenizer import Tokenizer
 from training import (TrainConfig, check_out, cli, fit, make_optimizer, parse_config, seed_everything,
                       setup_distributed, trainable_in_fp32)
 

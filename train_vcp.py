@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from data import ClipDataset, VideoTransform, collate_clips, language_of, load_rows
 from hf import checkpoint_folder, read_safetensors
 from losses import clip_loss, signcl_loss
-from model import Tokenizer
+from tokenizer import Tokenizer
 from training import (TrainConfig, autocast, check_out, cli, fit, make_optimizer, parse_config, resolve_precision,
                       seed_everything, setup_distributed, trainable_in_fp32)
 from vision import (HierarchicalConfig, TextEncoder, TextEncoderConfig, VCPConfig, VCPModel, ViTConfig,

@@ -28,7 +28,8 @@ from data import (ClipDataset, VideoTransform, build_chat_example, chat_prefix_i
 from eval import EvalConfig, score, translate
 from hf import checkpoint_folder, file_sha256, read_json, read_safetensors, safetensors_metadata
 from losses import lm_loss
-from model import LLM, Connector, LLaVASLT, PrefixCache, Tokenizer, apply_lora
+from model import LLM, Connector, LLaVASLT, PrefixCache, apply_lora
+from tokenizer import Tokenizer
 from training import (TrainConfig, check_out, cli, fit, loader_workers, make_optimizer, parse_config,
                       seed_everything, setup_distributed, trainable_in_fp32)
 from vision import VCPModel

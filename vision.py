@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from hf import checkpoint_folder, read_json, read_safetensors
-from model import LLM, Tokenizer, apply_lora, copy_strict
+from model import LLM, apply_lora, copy_strict
+from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- checkpoints
 # One place knows the file layouts of a Hugging Face folder: model.safetensors or sharded

@@ -436,19 +436,19 @@ def _texts():
 
 @pytest.fixture(scope="module")
 def wordlevel():
-    from model import Tokenizer
+    from tokenizer import Tokenizer
     return Tokenizer.train(_texts(), kind="wordlevel")
 
 
 @pytest.fixture(scope="module")
 def bpe():
-    from model import Tokenizer
+    from tokenizer import Tokenizer
     return Tokenizer.train(_texts() * 3, kind="bpe", vocab_size=400)
 
 
 def _folder_tokenizer(tok, folder, template, **config):
     """tok saved as a Hugging Face folder with another chat template / special tokens."""
-    from model import Tokenizer
+    from tokenizer import Tokenizer
     tok.save_pretrained(folder)
     cfg = json.loads((folder / "tokenizer_config.json").read_text())
     cfg.update(chat_template=template, **config)

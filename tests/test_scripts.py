@@ -41,7 +41,8 @@ import train_vlt  # noqa: E402
 from data import ClipDataset, VideoTransform, load_rows, read_corpus  # noqa: E402
 from synth import synthesize  # noqa: E402
 from losses import lm_loss  # noqa: E402
-from model import LLM, LLaVASLT, Tokenizer  # noqa: E402
+from model import LLM, LLaVASLT  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 from training import Dist, cli, parse_config, seed_everything  # noqa: E402
 from vision import VCPModel  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Tests for model.Tokenizer, against transformers 5.24.
+"""Tests for tokenizer.py (Tokenizer and chat templates), against transformers 5.24.
 
 The folders are built here: a byte-level BPE trained on a few sentences and padded to the
 real vocabulary size of Qwen2.5 / Llama-3.1, so that their special tokens sit at their real
@@ -16,7 +16,7 @@ import tokenizers
 import transformers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from model import CHATML_TEMPLATE, Tokenizer
+from tokenizer import CHATML_TEMPLATE, Tokenizer
 
 # The paper's prompts always carry a system message.
 SYSTEM = ("You are a helpful assistant. Use your expertise to provide the most precise translation. "

@@ -444,7 +444,7 @@ def test_sentence_features_are_the_penultimate_full_layer_and_see_the_whole_clip
 def test_an_llm_as_text_supervisor_is_the_mean_of_its_last_hidden_states(tmp_path):
     """Tab. 7 row 6 (Qwen-2.5-0.5B as VCP's text supervisor), on a tiny random Qwen2 built and
     saved by transformers: our sentence embedding equals the masked mean of its last_hidden_state."""
-    from model import Tokenizer
+    from tokenizer import Tokenizer
     from vision import LLMTextEncoder, load_text_encoder
     tok = Tokenizer.train(["am montag regnet es im norden", "morgen gibt es viel sonne im süden"], kind="wordlevel")
     hf = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(
