@@ -134,6 +134,19 @@ def encode_sentences(text_encoder, texts, lang, device, batch_size=64):
     return torch.cat(out)
 
 
+def objective(out: dict, text_words, signcl_weight: float, world_size: int = 1):
+    """Eq. 2: L = L_CLIP + lambda * L_SignCL, as fit's `train_step` returns it: (loss, None, logs).
+
+    CLIP is already the global batch's mean; SignCL is this rank's mean, so its gradient enters
+    / world_size; the rest of it is added detached, so that the logged loss (the mean over
+    ranks) is the objective, the same number as on one process."""
+    clip = clip_loss(out["video_emb"], out["text_emb"], out["logit_scale"])  # over the global batch
+    signcl = signcl_loss(out["word_features"], out["word_mask"], text_words)
+    signcl_term = signcl_weight * signcl
+    loss = clip + signcl_term / world_size + (signcl_term - signcl_term / world_size).detach()
+    return loss, None, {"clip": clip.detach(), "signcl": signcl.detach()}
+
+
 def kept_bytes(fn) -> int:
     """Bytes of the tensors autograd keeps for the backward pass while `fn()` runs (each storage
     once, parameters excluded): the activation memory of a forward, on any device."""
@@ -248,14 +261,7 @@ def main(argv):
 
     def train_step(model, batch):
         out = model(batch["frames"], batch["frame_mask"], text_sentence=text_sentence[batch["index"]])
-        clip = clip_loss(out["video_emb"], out["text_emb"], out["logit_scale"])  # over the global batch
-        signcl = signcl_loss(out["word_features"], out["word_mask"], text_words[batch["index"]].to(dist.device))
-        # CLIP is already the global mean; SignCL is this rank's mean, so its gradient enters
-        # / world_size; the rest of it is added detached, so that the logged loss (the mean over
-        # ranks) is the objective, the same number as on one process
-        signcl_term = cfg.signcl_weight * signcl
-        loss = clip + signcl_term / dist.world_size + (signcl_term - signcl_term / dist.world_size).detach()
-        return loss, None, {"clip": clip.detach(), "signcl": signcl.detach()}
+        return objective(out, text_words[batch["index"]].to(dist.device), cfg.signcl_weight, dist.world_size)
 
     def save(folder):
         model.save(folder)

@@ -96,3 +96,16 @@ def test_errors():
         score(["a"], ["a"], level="token")
     with pytest.raises(TypeError, match="hypothesis 1 is NoneType"):
         score(["a", None], ["a", "b"])
+
+
+def test_bleu_by_hand_with_a_brevity_penalty():
+    """One sentence worked out on paper: 6 hypothesis words against 7 reference words, one
+    wrong word at the end. Precisions 5/6, 4/5, 3/4, 2/3; brevity penalty exp(1 - 7/6)."""
+    import math
+    from eval import score
+    s = score(["am montag regnet es im süden"], ["am montag regnet es im norden stark"])
+    bp = math.exp(1 - 7 / 6)
+    assert s["bleu1"] == pytest.approx(100 * bp * 5 / 6, abs=1e-9)
+    assert s["bleu2"] == pytest.approx(100 * bp * (5 / 6 * 4 / 5) ** (1 / 2), abs=1e-9)
+    assert s["bleu4"] == pytest.approx(100 * bp * (5 / 6 * 4 / 5 * 3 / 4 * 2 / 3) ** (1 / 4), abs=1e-9)
+    assert s["bleu4"] == pytest.approx(64.3187, abs=1e-4)

@@ -567,3 +567,23 @@ def test_llava_prefix_cache_gives_the_same_logits_and_connector_gradients():
     m.llm.lm_head.weight.requires_grad_(True)
     with _pytest.raises(ValueError, match="frozen LLM"):
         m(ids, am, ids == 1, feats, mask, prefix=prefix)
+
+
+@torch.no_grad()
+def test_length_penalty_decides_between_finished_beams_of_different_lengths(hf_pair):
+    """The case where the penalty matters: with 0 (sum of log-probs) the beams favour short
+    finished hypotheses, with 2 long ones; ours picks as transformers does in both."""
+    hf, _, llm = hf_pair
+    for seed in range(5, 40):
+        ids, mask = _left_padded(hf.config.vocab_size, [11, 6, 3], seed=seed)
+        eos = _emitted_eos(llm, ids, mask)
+        kw = dict(max_new_tokens=10, eos_token_id=eos, pad_token_id=1, num_beams=3)
+        short, long = (llm.generate(ids, attention_mask=mask, length_penalty=lp, **kw) for lp in (0.0, 2.0))
+        if not torch.equal(short, long):
+            break
+    else:
+        pytest.fail("no prompt where the length penalty changes the answer")
+    lengths = [(~torch.isin(out, torch.tensor(eos + [1]))).sum(1) for out in (short, long)]
+    assert (lengths[0] <= lengths[1]).all() and (lengths[0] < lengths[1]).any()
+    for lp, ours in ((0.0, short), (2.0, long)):
+        assert torch.equal(ours, _hf_generate(hf, ids, mask, length_penalty=lp, **kw)), lp

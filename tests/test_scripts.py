@@ -236,7 +236,7 @@ def test_trilogy_end_to_end(pipe, tmp_path):
 
 @pytest.mark.slow
 def test_cpt_folders_load_in_transformers(pipe, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test dependency: missing, this must fail, not skip
     transformers.logging.set_verbosity_error()
     corpus = pipe.data / "corpus.jsonl"
     lora = tmp_path / "cpt_lora"
@@ -790,3 +790,47 @@ def test_vcp_with_an_llm_as_text_supervisor(pipe, tmp_path):
     from vision import LLMTextEncoder
     model = VCPModel.load(str(out), with_text_encoder=True)
     assert isinstance(model.text_encoder, LLMTextEncoder) and model.cfg.text_dim == 32   # the CPT LLM's width
+
+
+def test_vcp_objective_is_clip_plus_weighted_signcl():
+    """Eq. 2 with its real value and gradients: detaching SignCL or dropping its weight fails."""
+    from losses import clip_loss, signcl_loss
+    g = torch.Generator().manual_seed(0)
+    words = torch.randn(3, 6, 8, generator=g, requires_grad=True)
+    out = {"video_emb": torch.randn(3, 4, generator=g, requires_grad=True), "text_emb": torch.randn(3, 4, generator=g),
+           "logit_scale": torch.tensor(10.0), "word_features": words, "word_mask": torch.ones(3, 6, dtype=torch.bool)}
+    text_words = torch.tensor([2, 3, 4])
+    torch.manual_seed(1)                              # SignCL draws its negatives from the global RNG
+    loss, count, logs = train_vcp.objective(out, text_words, 0.25)
+    torch.manual_seed(1)
+    clip = clip_loss(out["video_emb"], out["text_emb"], out["logit_scale"])
+    signcl = signcl_loss(words, out["word_mask"], text_words)
+    assert count is None and signcl.item() > 0.1
+    assert loss.item() == pytest.approx(clip.item() + 0.25 * signcl.item(), rel=1e-6)
+    assert logs["clip"].item() == pytest.approx(clip.item()) and logs["signcl"].item() == pytest.approx(signcl.item())
+    grad, = torch.autograd.grad(loss, words)
+    torch.manual_seed(1)
+    ref, = torch.autograd.grad(0.25 * signcl_loss(words, out["word_mask"], text_words), words)
+    torch.testing.assert_close(grad, ref)             # the word features learn from SignCL, weighted
+    torch.manual_seed(1)
+    loss2, _, _ = train_vcp.objective(out, text_words, 0.25, world_size=2)
+    assert loss2.item() == pytest.approx(loss.item(), rel=1e-6)   # the same logged value on 2 ranks
+    grad2, = torch.autograd.grad(loss2, words)
+    torch.testing.assert_close(grad2, ref / 2)        # ... whose gradients DDP then averages
+
+
+def test_cpt_dataset_supervises_blocks_fully_and_pairs_on_the_answer():
+    rows = [{"text": "am montag regnet es im norden ."}, {"text": "morgen gibt es viel sonne ."},
+            {"gloss": "MONTAG NORD REGEN", "text": "am montag regnet es im norden ."}]
+    tok = Tokenizer.train([r["text"] for r in rows] + ["MONTAG NORD REGEN"], kind="wordlevel")
+    ds = train_cpt.CorpusDataset(tok, rows, block_size=8, language="German", gloss_repeat=1, seed=0)
+    assert len(ds.blocks) == 1 and len(ds.pairs) == 1 and len(ds) == 2
+    block = ds[0]
+    assert block["labels"] == block["input_ids"] and len(block["input_ids"]) == 8     # every token supervised
+    pair = ds[1]
+    supervised = [t for t, y in zip(pair["input_ids"], pair["labels"]) if y != IGNORE]
+    assert [y for y in pair["labels"] if y != IGNORE] == supervised
+    answer = tok.encode("am montag regnet es im norden .")
+    assert supervised[:len(answer)] == answer and len(supervised) == len(answer) + 1   # + the end-of-turn token
+    assert tok.decode(supervised[len(answer):], skip_special_tokens=False).strip() in ("<|im_end|>", "<|eot_id|>")
+    assert "MONTAG" in tok.decode(pair["input_ids"]) and tok.encode("MONTAG")[0] not in supervised

@@ -13,7 +13,7 @@ from model import LoRALinear, lora_parameters
 from vision import (HierarchicalConfig, HierarchicalEncoder, TextEncoder, TextEncoderConfig, VCPConfig,
                     VCPModel, ViT, ViTConfig, local_attention_mask)
 
-transformers = pytest.importorskip("transformers")
+import transformers  # a test dependency (requirements-dev.txt): missing, the parity tests must fail, not skip
 
 
 def randomize(module, std=0.2, seed=0):
@@ -483,3 +483,24 @@ def test_checkpointing_keeps_no_layer_activations_per_frame():
     frame = 3 * 16 * 16 * 4
     assert est["mib_per_frame"] == 0 and est["full_mib_per_frame"] * 2**20 > 10_000
     assert est["gib"] * 2**30 == pytest.approx(100 * frame + 8 * est["full_mib_per_frame"] * 2**20, rel=1e-9)
+
+
+def test_hierarchical_rope_against_a_complex_number_reference():
+    """RoPE of the hierarchical encoder, checked against its definition written independently:
+    feature pair (j, j + d/2) of position p is the complex number x_j + i x_{j+d/2}, turned by
+    the angle p * theta^(-2j/d) (the rotate-half layout of Llama / Qwen)."""
+    from vision import _apply_rope, _rope
+    n, d, theta = 7, 8, 10000.0
+    x = torch.randn(2, 3, n, d, dtype=torch.float64)
+    cos, sin = _rope(n, d, theta, "cpu")
+    got = _apply_rope(x, cos.double(), sin.double())
+    z = torch.complex(x[..., :d // 2], x[..., d // 2:])                      # (B, h, n, d/2)
+    angle = torch.tensor([[p * theta ** (-2 * j / d) for j in range(d // 2)] for p in range(n)],
+                         dtype=torch.float64)                                  # (n, d/2)
+    turned = z * torch.polar(torch.ones_like(angle), angle)
+    ref = torch.cat([turned.real, turned.imag], dim=-1)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)               # fp32 angles inside _rope
+    # relative: the attention score between positions p and q depends on p - q only
+    q, k = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+    rq, rk = (_apply_rope(v.expand(1, 1, n, d), cos.double(), sin.double())[0, 0] for v in (q, k))
+    assert torch.allclose(rq[3] @ rk[1], rq[5] @ rk[3]) and not torch.allclose(rq[3] @ rk[1], rq[3] @ rk[2])
