@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from av.video.reformatter import VideoReformatter
 from PIL import Image
 
-from model import IGNORE_INDEX
+from losses import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -7,6 +7,7 @@ truncated or corrupt file into one line naming it.
     checkpoint_folder(folder)   where a checkpoint written by training.save_checkpoint is, if a
                                 kill interrupted its save (FOLDER missing, FOLDER.old whole)
     is_ours(folder)             whether a training run of this repository wrote the folder
+    CheckpointError             the error of a key that does not fit
     file_sha256(path)           what a LLaVA-SLT folder records of the encoder it was trained on
 
 Every error is a ValueError or FileNotFoundError, which the scripts' `cli` prints as one line.
@@ -15,6 +16,15 @@ Every error is a ValueError or FileNotFoundError, which the scripts' `cli` print
 import hashlib
 import json
 import os
+
+class CheckpointError(KeyError):
+    """A checkpoint whose keys do not fit the model (missing, unexpected): one line naming the
+    file and the key. A KeyError, so `except KeyError` still sees it; the scripts' `cli` prints
+    it as one line, while any other KeyError (a bug, e.g. batch["frame"]) shows its traceback."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
 
 # A run writes this file into every checkpoint folder it saves: {"stage", "files"}, the
 # top-level names it wrote. A folder without it is the user's, and no run replaces it or

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # same value as model.IGNORE_INDEX (LLaVA's convention); not imported on purpose
+IGNORE_INDEX = -100  # LLaVA's convention: labels that take no loss (data.py builds them)
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hf import checkpoint_folder, file_sha256, read_json, read_safetensors, safetensors_metadata
-
-IGNORE_INDEX = -100  # LLaVA's convention: labels that take no loss
+from hf import CheckpointError, checkpoint_folder, file_sha256, read_json, read_safetensors, safetensors_metadata
 
 
 def copy_strict(own: dict, tensors: dict, where: str, source: dict = None):
@@ -26,9 +24,9 @@ def copy_strict(own: dict, tensors: dict, where: str, source: dict = None):
     else `where`) and the key. Every loader of ours goes through here (never warn-and-continue)."""
     source = source or {}
     for k in sorted(own.keys() - tensors.keys()):
-        raise KeyError(f"{where}: missing {k}")
+        raise CheckpointError(f"{where}: missing {k}")
     for k in sorted(tensors.keys() - own.keys()):
-        raise KeyError(f"{source.get(k, where)}: unexpected {k} (made for another model?)")
+        raise CheckpointError(f"{source.get(k, where)}: unexpected {k} (made for another model?)")
     for k, v in tensors.items():
         if v.shape != own[k].shape:
             raise ValueError(f"{source.get(k, where)}: {k} has shape {tuple(v.shape)}, "
@@ -488,10 +486,10 @@ class LLM(nn.Module):
         ignored = {"lm_head.weight"} if config.tie_word_embeddings else set()
         for key, path in key_files.items():
             if key not in expected and key not in ignored:
-                raise KeyError(f"checkpoint {path}: unexpected {key}")
+                raise CheckpointError(f"checkpoint {path}: unexpected {key}")
         for key in expected:
             if key not in key_files:
-                raise KeyError(f"checkpoint {missing_source}: missing {key}")
+                raise CheckpointError(f"checkpoint {missing_source}: missing {key}")
         by_file = {}
         for key, path in key_files.items():
             if key in expected:
@@ -502,7 +500,7 @@ class LLM(nn.Module):
             entries = headers[path][0]
             for key in keys:
                 if key not in entries:
-                    raise KeyError(f"checkpoint {path}: missing {key} (the index lists it in this shard)")
+                    raise CheckpointError(f"checkpoint {path}: missing {key} (the index lists it in this shard)")
                 shape = tuple(entries[key]["shape"])
                 if shape != tuple(expected[key].shape):
                     raise ValueError(f"checkpoint {path}: {key} has shape {shape}, "

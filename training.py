@@ -83,7 +83,7 @@ from safetensors.torch import save_file, save_model
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from hf import RUN_MARKER, checkpoint_folder, is_ours, read_json, read_safetensors
+from hf import RUN_MARKER, CheckpointError, checkpoint_folder, is_ours, read_json, read_safetensors
 from model import copy_strict
 
 
@@ -286,17 +286,17 @@ def config_from_dict(cls, d: dict):
 
 
 def cli(main: Callable, argv: Optional[list] = None):
-    """Run `main(argv)` as a command: a user error (ValueError, FileNotFoundError, KeyError
-    raised at a boundary, FloatingPointError of a diverged run) prints one line `error: ...`
-    and exits 1 instead of a traceback. LLAVA_SLT_DEBUG=1 shows the traceback. The process
-    group, if any, is torn down."""
+    """Run `main(argv)` as a command: a user error (ValueError, FileNotFoundError, a checkpoint
+    whose keys do not fit, FloatingPointError of a diverged run) prints one line `error: ...`
+    and exits 1 instead of a traceback; anything else (a bug) shows its traceback.
+    LLAVA_SLT_DEBUG=1 shows the traceback always. The process group, if any, is torn down."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         main(argv)
-    except (ValueError, FileNotFoundError, KeyError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError, FloatingPointError) as e:
         if os.environ.get("LLAVA_SLT_DEBUG"):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)   # KeyError's str() adds quotes
+        msg = str(e)
         if "\nOriginal Traceback" in msg:
             # raised in a DataLoader worker: torch re-raises it with the worker's traceback in the
             # message; its last line is the error itself ("module.Error: message")
@@ -1070,7 +1070,7 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
     while step < total_steps:
         lr = lr_at(step, total_steps, cfg.lr, cfg.pct_start, cfg.div_factor, cfg.final_div_factor)
         for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = lr
         loss_acc = torch.zeros((), dtype=torch.float64, device=device)
         count_acc = torch.zeros((), dtype=torch.float64, device=device)
         logs = {}

@@ -211,11 +211,17 @@ def test_help_and_cli_one_line_errors(capsys):
     assert err == "error: --lr=abc: expected float\n"
 
     def missing(argv):
-        raise KeyError("checkpoint x/model.safetensors: missing lm_head.weight")
+        raise training.CheckpointError("checkpoint x/model.safetensors: missing lm_head.weight")
 
     with pytest.raises(SystemExit):
         cli(missing, [])
     assert capsys.readouterr().err == "error: checkpoint x/model.safetensors: missing lm_head.weight\n"
+
+    def bug(argv):  # a typo in a fork's train_step: a traceback, not one line
+        return {"frames": 1}["frame"]
+
+    with pytest.raises(KeyError, match="frame"):
+        cli(bug, [])
 
 
 # ============================================================================ optimizer
