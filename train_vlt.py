@@ -305,19 +305,18 @@ def main(argv):
 
     # Every prompt starts with the same system turn and user header; with the LLM frozen, their
     # keys and values are computed once (PrefixCache), not in every step: about half the
-    # positions of a prompt. Made at the first step, once fit has put the model on its device.
-    prefix_ids, prefix = chat_prefix_ids(tok, system), None
+    # positions of a prompt.
+    model.to(dist.device)
+    prefix_ids = chat_prefix_ids(tok, system)
+    prefix = PrefixCache(model.llm, prefix_ids) if prefix_ids and not cfg.full_tune else None
 
-    def train_step(model, batch):
-        nonlocal prefix
+    def train_step(net, batch):  # net: the model, or its DDP wrapper under torchrun
         if cfg.full_tune:
-            logits = model(batch["input_ids"], batch["attention_mask"], batch["slot_mask"],
-                           frames=batch["frames"], frame_mask=batch["frame_mask"])
+            logits = net(batch["input_ids"], batch["attention_mask"], batch["slot_mask"],
+                         frames=batch["frames"], frame_mask=batch["frame_mask"])
         else:
-            if prefix is None and prefix_ids:
-                prefix = PrefixCache(inner.llm, prefix_ids)
-            logits = model(batch["input_ids"], batch["attention_mask"], batch["slot_mask"],
-                           batch["word_features"], batch["word_mask"], prefix=prefix)  # (B, T - P, V)
+            logits = net(batch["input_ids"], batch["attention_mask"], batch["slot_mask"],
+                         batch["word_features"], batch["word_mask"], prefix=prefix)  # (B, T - P, V)
         labels = batch["labels"][:, -logits.shape[1]:]  # the positions the logits are of
         loss, n = lm_loss(logits, labels)  # the response (and its end-of-turn token) only
         return loss * n, n
@@ -325,11 +324,9 @@ def main(argv):
     settings = {"language": language, "prompt": cfg.prompt, "system": system}
     if visual_sha256:
         settings["visual_sha256"] = visual_sha256
-    inner = model
 
     def save(folder):
-        inner.save(folder, cpt, vcp, settings,
-                   save_visual=inner.visual_encoder.save if cfg.full_tune else None)
+        model.save(folder, cpt, vcp, settings, save_visual=model.visual_encoder.save if cfg.full_tune else None)
 
     fit(model, train_step, dataset, optimizer, cfg, dist, collate_fn=collate, save_fn=save, unit="tokens",
         stage="vlt", evaluate=lambda m: validate(m, tok, system, dev_rows, level, dist, cfg, **dev),
