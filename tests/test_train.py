@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, DistributedSampler
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoint  # noqa: E402
 import training  # noqa: E402
 from training import (Dist, ResumableSampler, TrainConfig, capture_train_state, cli, fit, load_checkpoint,  # noqa: E402
                       lr_at, make_optimizer, parse_config, restore_train_state, save_checkpoint, seed_everything)
@@ -371,9 +372,9 @@ def test_crash_during_save_leaves_a_whole_checkpoint(tmp_path, monkeypatch, cras
             if len(calls) == 2:
                 boom()
             real(src, dst)
-        monkeypatch.setattr(training.os, "rename", flaky)
+        monkeypatch.setattr(checkpoint.os, "rename", flaky)
     else:
-        monkeypatch.setattr(training.shutil, "rmtree", boom)
+        monkeypatch.setattr(checkpoint.shutil, "rmtree", boom)
     with pytest.raises(OSError, match="simulated crash"):
         save_checkpoint(folder, tensors={"w": torch.full((1000,), 2.0)}, config={"v": 2}, train_state=state2,
                         write=write)
@@ -823,7 +824,7 @@ def test_a_kill_while_removing_the_old_folder_is_finished_later(tmp_path, monkey
         if len(calls) > 2:
             raise KeyboardInterrupt("killed")
         real(path)
-    monkeypatch.setattr(training.os, "remove", dies_after_two)
+    monkeypatch.setattr(checkpoint.os, "remove", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(ck, tensors={"w": torch.ones(2)}, train_state=state, config={"v": 2})
     monkeypatch.undo()

@@ -1,0 +1,274 @@
+"""Checkpoint folders of the training runs, off the reading path: atomic saves, the marker
+that tells a run's folders from a user's, and the resume state, all safetensors and JSON.
+
+    check_out(out, stage, **inputs)   before any work: a folder this run may write (never a
+                                      user's folder, another stage's output or an input)
+    save_checkpoint / load_checkpoint one folder: weights, config.json, marker, train_state/
+    recover_checkpoint                finish what a kill during a save left
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable, Optional
+
+import torch
+from safetensors.torch import save_file
+
+from hf import RUN_MARKER, checkpoint_folder, is_ours, read_json, read_safetensors
+
+# A checkpoint is a folder: the stage's weights (`model.safetensors` or whatever the script's
+# writer puts there), `config.json`, `llava_slt_run.json` (the marker: which stage wrote the
+# folder and which names in it are the run's) and `train_state/` for resuming:
+#   state.json            step, sampler (epoch, position, world_size), GradScaler, optimizer
+#                         param_groups, python/numpy RNG per rank, extra (the training config)
+#   optimizer.safetensors state.{param_index}.{exp_avg|exp_avg_sq|step}
+#   rng.safetensors       rank{r}.torch, rank{r}.cuda
+#   trainable.safetensors every parameter that requires grad, by name (what resume loads back)
+# It is written to FOLDER.tmp-XXXX beside the target; then FOLDER -> FOLDER.old,
+# FOLDER.tmp-XXXX -> FOLDER, FOLDER.old removed. A kill at any moment leaves either FOLDER or
+# only FOLDER.old whole: readers then read FOLDER.old (`hf.checkpoint_folder`), training puts
+# it back (`recover_checkpoint`). Nothing is pickled. A user's folder (no marker) is never
+# replaced, and a user's file put into one of ours is carried into every new save.
+
+TRAIN_STATE = "train_state"
+FORMAT = 1
+KEEP = ("metrics.jsonl",)  # written by `fit` straight into the folder, between saves: every save keeps it
+
+
+def recover_checkpoint(folder: str):
+    """Finish what a save interrupted by a crash left: FOLDER.old without FOLDER is the
+    previous checkpoint, whole (renamed back); FOLDER.old beside FOLDER is a leftover
+    (removed); FOLDER.tmp-* are unfinished writes (removed). Only folders a run of ours wrote
+    (the marker; an unfinished write may also be empty) are touched."""
+    folder = os.path.normpath(folder)
+    old = folder + ".old"
+    if is_ours(old) and not os.path.isdir(folder):
+        os.rename(old, folder)
+    elif is_ours(old) or _empty_dir(old):
+        _remove_ours(old)
+    parent, base = os.path.dirname(folder) or ".", os.path.basename(folder)
+    if os.path.isdir(parent):
+        for name in os.listdir(parent):
+            path = os.path.join(parent, name)
+            if name.startswith(base + ".tmp-") and (is_ours(path) or _empty_dir(path)):
+                _remove_ours(path)
+
+
+def _empty_dir(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
+
+
+def _remove_ours(path: str):
+    """Remove a folder a run wrote, its marker last: a kill midway leaves it still marked as
+    ours (or empty), so the next run finishes the job instead of taking it for a user's."""
+    for name in os.listdir(path):
+        entry = os.path.join(path, name)
+        if name == RUN_MARKER:
+            continue
+        if os.path.isdir(entry) and not os.path.islink(entry):
+            shutil.rmtree(entry)
+        else:
+            os.remove(entry)
+    if os.path.exists(os.path.join(path, RUN_MARKER)):
+        os.remove(os.path.join(path, RUN_MARKER))
+    os.rmdir(path)
+
+
+def _marker(folder: str) -> Optional[dict]:
+    path = os.path.join(folder, RUN_MARKER)
+    return read_json(path) if os.path.isfile(path) else None
+
+
+def check_out(folder: str, stage: str, **inputs):
+    """Refuse, with one line, an output folder that a save of `stage` may not replace: a file,
+    a user's non-empty folder (no marker), another stage's output, a user's FOLDER.old, or
+    one of the run's inputs (or a folder holding one), which its first save would replace.
+    inputs: {flag name: path or ""}. Scripts call it before any work; `fit` again."""
+    folder = os.path.normpath(folder)
+    out_real = os.path.realpath(folder)
+    for name, path in inputs.items():
+        real = os.path.realpath(path) if path else None
+        if real is not None and (real == out_real or real.startswith(out_real + os.sep)):
+            raise ValueError(f"--out={folder} is also where --{name}={path} is read from; a run never writes "
+                             "over its inputs: choose another --out")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"--out={folder}: is a file; give a folder")
+    marker = _marker(folder) if os.path.isdir(folder) else None
+    if os.path.isdir(folder) and os.listdir(folder) and marker is None:
+        raise ValueError(f"--out={folder}: exists and was not written by a llava-slt run (no {RUN_MARKER}); "
+                         "nothing in it is replaced: choose another folder")
+    if marker is not None and marker.get("stage") != stage:
+        raise ValueError(f"--out={folder}: holds the output of a {marker.get('stage')} run, this is {stage}; "
+                         "choose another folder")
+    old = folder + ".old"
+    if os.path.exists(old) and not is_ours(old) and not _empty_dir(old):
+        raise ValueError(f"{old}: exists and was not written by a llava-slt run; a save renames {folder} "
+                         "there for a moment: move it away")
+
+
+def _publish_tree(folder: str, chmod: bool = True):
+    """Modes from the umask (mkdtemp makes 0700, safetensors 0600: teammates could not read the
+    checkpoint), and data on disk before the rename publishes it (a power cut stays safe)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(folder):
+        if chmod:
+            os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                continue
+            if chmod:
+                os.chmod(path, 0o666 & ~umask)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _write_json(path: str, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+
+
+def _write_train_state(path: str, state: dict):
+    os.makedirs(path)
+    opt = state["optimizer"]
+    opt_tensors, opt_other = {}, {}
+    for idx, entries in opt["state"].items():
+        for k, v in entries.items():
+            if torch.is_tensor(v):
+                opt_tensors[f"state.{idx}.{k}"] = v
+            else:
+                opt_other[f"{idx}.{k}"] = v
+    save_file(_cpu_tensors(opt_tensors), os.path.join(path, "optimizer.safetensors"))
+    rng_tensors, rng_json = {}, []
+    for r, s in enumerate(state["rng"]):
+        rng_tensors[f"rank{r}.torch"] = s["torch"]
+        if s.get("cuda") is not None:
+            rng_tensors[f"rank{r}.cuda"] = s["cuda"]
+        rng_json.append({"numpy": s["numpy"], "python": s["python"]})
+    save_file(_cpu_tensors(rng_tensors), os.path.join(path, "rng.safetensors"))
+    save_file(_cpu_tensors(state["trainable"]), os.path.join(path, "trainable.safetensors"))
+    _write_json(os.path.join(path, "state.json"), {
+        "format": FORMAT, "step": state["step"], "world_size": state["world_size"], "sampler": state["sampler"],
+        "scaler": state.get("scaler"), "optimizer": {"param_groups": opt["param_groups"], "other_state": opt_other},
+        "rng": rng_json, "extra": state.get("extra", {})})
+
+
+def _cpu_tensors(tensors: dict) -> dict:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def _read_train_state(path: str) -> dict:
+    meta_path = os.path.join(path, "state.json")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{meta_path}: missing; the checkpoint holds no resume state")
+    meta = read_json(meta_path, "resume state")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: format {meta.get('format')}, this code reads format {FORMAT}")
+    state = {}
+    for key, v in read_safetensors(os.path.join(path, "optimizer.safetensors")).items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = v
+    for key, v in meta["optimizer"]["other_state"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["optimizer"]["param_groups"]]
+    rng_tensors = read_safetensors(os.path.join(path, "rng.safetensors"))
+    rng = [dict(s, torch=rng_tensors[f"rank{r}.torch"], cuda=rng_tensors.get(f"rank{r}.cuda"))
+           for r, s in enumerate(meta["rng"])]
+    return {"step": meta["step"], "world_size": meta["world_size"], "sampler": meta["sampler"],
+            "scaler": meta["scaler"], "optimizer": {"state": state, "param_groups": groups}, "rng": rng,
+            "trainable": read_safetensors(os.path.join(path, "trainable.safetensors")), "extra": meta["extra"],
+            "path": path}
+
+
+def _link_or_copy(src: str, dst: str, follow_symlinks: bool = False):
+    """A hard link (instant, whatever the size; the file survives the old folder's removal),
+    or a copy where links are not possible (another filesystem, a symlink)."""
+    try:
+        if os.path.islink(src):
+            raise OSError("a symlink is copied as a link")
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _carry(src: str, dst: str):
+    if os.path.isdir(src) and not os.path.islink(src):
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(src, dst)
+
+
+def save_checkpoint(folder: str, tensors: Optional[dict] = None, config: Optional[dict] = None,
+                    train_state: Optional[dict] = None, write: Optional[Callable[[str], None]] = None,
+                    stage: str = "train", state_only: bool = False):
+    """Write a checkpoint folder atomically (see above).
+
+    tensors -> model.safetensors; config -> config.json; write(tmp_folder) adds the script's
+    own files (e.g. `model.save`, a Hugging Face folder), after config.json so it may replace
+    it; train_state (from `capture_train_state`) -> train_state/. What the old folder holds
+    beyond what the previous save wrote (metrics.jsonl, a user's notes, eval's predictions)
+    is copied into the new one. state_only: only train_state/ is new, the old folder's
+    weights and config stay (validation: the folder keeps the best weights, the resume state
+    is the last step's). Call on one process only (rank 0).
+    """
+    folder = os.path.normpath(folder)
+    parent = os.path.dirname(folder) or "."
+    os.makedirs(parent, exist_ok=True)
+    recover_checkpoint(folder)
+    check_out(folder, stage)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=parent)
+    try:
+        _write_json(os.path.join(tmp, RUN_MARKER), {"stage": stage, "files": []})  # ours, even if cut short
+        if tensors is not None:
+            save_file(_cpu_tensors(tensors), os.path.join(tmp, "model.safetensors"))
+        if config is not None:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(config, f, indent=2)
+        if write is not None:
+            write(tmp)
+        if train_state is not None:
+            _write_train_state(os.path.join(tmp, TRAIN_STATE), train_state)
+        written = sorted(set(os.listdir(tmp)) - {RUN_MARKER})
+        previous = (_marker(folder) or {}).get("files", []) if os.path.isdir(folder) else []
+        ours = set(written) | set(KEEP) | (set(previous) if state_only else set())
+        _write_json(os.path.join(tmp, RUN_MARKER), {"stage": stage, "files": sorted(ours)})
+        _publish_tree(tmp)  # what this save wrote; what is carried over below keeps its own modes
+        carried = [name for name in (sorted(os.listdir(folder)) if os.path.isdir(folder) else [])
+                   if name not in written and name != RUN_MARKER
+                   and (state_only or name in KEEP or name not in previous)]
+        for name in carried:
+            _carry(os.path.join(folder, name), os.path.join(tmp, name))
+            if os.path.isdir(os.path.join(tmp, name)):
+                _publish_tree(os.path.join(tmp, name), chmod=False)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = folder + ".old"
+    if _empty_dir(old):
+        os.rmdir(old)
+    if os.path.exists(folder):
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    if os.path.exists(old):
+        _remove_ours(old)
+
+
+def load_checkpoint(folder: str) -> dict:
+    """{"tensors": model.safetensors or None, "config": config.json or None,
+    "train_state": train_state/ or None} of a folder written by `save_checkpoint`."""
+    folder = checkpoint_folder(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such checkpoint folder")
+    weights, config_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
+    ts = os.path.join(folder, TRAIN_STATE)
+    return {"tensors": read_safetensors(weights) if os.path.isfile(weights) else None,
+            "config": read_json(config_path) if os.path.isfile(config_path) else None,
+            "train_state": _read_train_state(ts) if os.path.isdir(ts) else None}
