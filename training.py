@@ -709,6 +709,112 @@ def _truncate_metrics(path: str, step: int):
         f.writelines(rows)
 
 
+def _accumulate(net, stream, train_step, grad_accum: int, dist: Dist, precision: str, scaler, mode):
+    """One accumulation window: forward and backward of `grad_accum` micro-batches. Returns the
+    summed losses and counts (float64 tensors, this rank), the mean of the extra logs, and the
+    loss mode ("sum": (loss_sum, count) or "mean": (loss, None); the same in every window)."""
+    device = dist.device
+    loss_acc = torch.zeros((), dtype=torch.float64, device=device)
+    count_acc = torch.zeros((), dtype=torch.float64, device=device)
+    logs = {}
+    for micro in range(grad_accum):
+        batch = to_device(next(stream), device)
+        # DDP all-reduces gradients in the backward of the window's last micro-batch only
+        sync = not dist.ddp or micro == grad_accum - 1
+        with nullcontext() if sync else net.no_sync():
+            with autocast(device, precision):
+                result = train_step(net, batch)
+            loss, count = result[0], result[1]
+            if mode is None:
+                mode = "mean" if count is None else "sum"
+            elif mode != ("mean" if count is None else "sum"):
+                raise ValueError("train_step returned count=None for one micro-batch and a count for another")
+            # backward of the raw sum (or mean); the normaliser of the whole window is
+            # known only after every rank's counts are in, so gradients are scaled afterwards
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_acc += loss.detach().to(torch.float64)
+        if count is not None:
+            count_acc += torch.as_tensor(count, dtype=torch.float64, device=device)
+        for k, v in (result[2] if len(result) > 2 else {}).items():
+            logs[k] = logs.get(k, 0.0) + float(v) / grad_accum
+    return loss_acc, count_acc, logs, mode
+
+
+def _scaled_and_clipped(params, scale: float, optimizer, scaler, max_grad_norm: float) -> float:
+    """The window's gradients times `scale` (see the loss rule), unscaled from fp16, clipped;
+    returns their norm, computed even without clipping (max_norm inf) to catch a non-finite
+    step. After DDP the gradients are the same on every rank, so is every decision on them."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, scale)
+    return nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf).item() if params else 0.0
+
+
+def _update(optimizer, scaler, apply: bool):
+    if apply and scaler is not None:
+        scaler.step(optimizer)                # skips the step when fp16 gradients overflowed
+    elif apply:
+        optimizer.step()
+    if scaler is not None:
+        scaler.update()                       # after unscale_, also when the step was skipped
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _resume_or_seed(cfg: TrainConfig, out: str, optimizer, model, scaler, dist: Dist, batches) -> tuple:
+    """(step, best, bad_evals) where the run starts: restored from out/train_state/ with
+    --resume (weights, optimizer, RNG, the data position, validation's best so far), else 0
+    with every rank's RNG seeded."""
+    resume_from = os.path.join(out, TRAIN_STATE)
+    if cfg.resume and os.path.isdir(resume_from):
+        state = _read_train_state(resume_from)
+        where = restore_train_state(state, optimizer, model, scaler=scaler, dist=dist)   # sets the RNG last
+        batches.epoch, batches.position = where["epoch"], where["position"]
+        dist.log(f"resumed from {resume_from} at step {where['step']} (epoch {batches.epoch}, "
+                 f"sample {batches.position})")
+        return where["step"], state["extra"].get("best"), state["extra"].get("bad_evals", 0)
+    if cfg.resume:
+        dist.log(f"--resume: no checkpoint in {out}, starting at step 0")
+    seed_everything(cfg.seed + dist.rank)   # dropout differs across ranks; the weights already agree
+    return 0, None, 0
+
+
+def _log_step(row: dict, logs: dict, unit: str, total_steps: int, metrics_path: str, dist: Dist):
+    """One line of the progress log and one row of metrics.jsonl (rank 0)."""
+    if dist.device.type == "cuda":
+        row["max_mem_gib"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
+    if not dist.is_main:
+        return
+    _append_row(metrics_path, row)
+    extra = "".join(f" | {k} {v:.4g}" for k, v in logs.items())
+    mem = f" | mem {row['max_mem_gib']:.1f} GiB" if "max_mem_gib" in row else ""
+    dist.log(f"step {row['step']}/{total_steps} | epoch {row['epoch']} | loss {row['loss']:.4f}{extra} | "
+             f"lr {row['lr']:.2e} | grad {row['grad_norm']:.3g} | {row[f'{unit}_per_s']:.1f} {unit}/s{mem}")
+
+
+def _validate(model, evaluate, metric: str, higher_is_better: bool, best, bad_evals: int, step: int, epoch: int,
+              total_steps: int, metrics_path: str, dist: Dist) -> tuple:
+    """Score the dev set (collective: the same scores on every rank), log them, and keep the
+    best: returns (best, validations without a new best, whether this one is the new best)."""
+    model.eval()
+    scores = evaluate(model)
+    model.train()
+    value = scores[metric]
+    improved = best is None or (value > best["value"] if higher_is_better else value < best["value"])
+    best, bad_evals = ({"step": step, "value": value}, 0) if improved else (best, bad_evals + 1)
+    if dist.is_main:
+        _append_row(metrics_path, {"step": step, "epoch": epoch, **scores, "best_step": best["step"]})
+    dist.log(f"step {step}/{total_steps} | dev " + " | ".join(f"{k} {v:.4g}" for k, v in scores.items())
+             + (" | new best" if improved else f" | best {best['value']:.4g} at step {best['step']}"))
+    return best, bad_evals, improved
+
+
+def _append_row(path: str, row: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainConfig, dist: Optional[Dist] = None,
         collate_fn: Optional[Callable] = None, save_fn: Optional[Callable[[str], None]] = None,
         unit: str = "items", drop_last: bool = False, find_unused_parameters: bool = False,
@@ -768,19 +874,8 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                   find_unused_parameters=find_unused_parameters)
 
-    step, best, bad_evals = 0, None, 0
     validating = evaluate is not None and cfg.eval_every > 0
-    resume_from = os.path.join(out, TRAIN_STATE)
-    if cfg.resume and os.path.isdir(resume_from):
-        state = _read_train_state(resume_from)
-        where = restore_train_state(state, optimizer, model, scaler=scaler, dist=dist)   # sets the RNG last
-        step, batches.epoch, batches.position = where["step"], where["epoch"], where["position"]
-        best, bad_evals = state["extra"].get("best"), state["extra"].get("bad_evals", 0)
-        dist.log(f"resumed from {resume_from} at step {step} (epoch {batches.epoch}, sample {batches.position})")
-    else:
-        if cfg.resume:
-            dist.log(f"--resume: no checkpoint in {out}, starting at step 0")
-        seed_everything(cfg.seed + dist.rank)   # dropout differs across ranks; the weights already agree
+    step, best, bad_evals = _resume_or_seed(cfg, out, optimizer, model, scaler, dist, batches)
     if dist.is_main:
         if not os.path.isdir(out) or not os.listdir(out):   # ours from the first line of metrics on
             os.makedirs(out, exist_ok=True)
@@ -813,29 +908,8 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
         lr = lr_at(step, total_steps, cfg.lr, cfg.pct_start, cfg.div_factor, cfg.final_div_factor)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_acc = torch.zeros((), dtype=torch.float64, device=device)
-        count_acc = torch.zeros((), dtype=torch.float64, device=device)
-        logs = {}
-        for micro in range(cfg.grad_accum):
-            batch = to_device(next(stream), device)
-            # DDP all-reduces gradients in the backward of the window's last micro-batch only
-            sync = not dist.ddp or micro == cfg.grad_accum - 1
-            with nullcontext() if sync else net.no_sync():
-                with autocast(device, precision):
-                    result = train_step(net, batch)
-                loss, count = result[0], result[1]
-                if mode is None:
-                    mode = "mean" if count is None else "sum"
-                elif mode != ("mean" if count is None else "sum"):
-                    raise ValueError("train_step returned count=None for one micro-batch and a count for another")
-                # backward of the raw sum (or mean); the normaliser of the whole window is
-                # known only after every rank's counts are in, so gradients are scaled below
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            loss_acc += loss.detach().to(torch.float64)
-            if count is not None:
-                count_acc += torch.as_tensor(count, dtype=torch.float64, device=device)
-            for k, v in (result[2] if len(result) > 2 else {}).items():
-                logs[k] = logs.get(k, 0.0) + float(v) / cfg.grad_accum
+        loss_acc, count_acc, logs, mode = _accumulate(net, stream, train_step, cfg.grad_accum, dist, precision,
+                                                      scaler, mode)
         now = time.perf_counter()
         stop_here = cfg.time_limit is not None and now - t_start >= cfg.time_limit
         save_now = cfg.save_every_minutes > 0 and now - t_saved >= 60 * cfg.save_every_minutes
@@ -854,14 +928,7 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
             # every rank's value is a global mean: average over the window; x world_size as above
             scale, mean_loss = dist.world_size / cfg.grad_accum, loss_sum / (cfg.grad_accum * dist.world_size)
             items = cfg.batch_size * cfg.grad_accum * dist.world_size
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, scale)
-        # the norm is computed even without clipping (max_norm inf), to catch a non-finite step;
-        # the gradients are the same on every rank after DDP, so every rank takes the same decision
-        grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf).item() if params else 0.0
+        grad_norm = _scaled_and_clipped(params, scale, optimizer, scaler, cfg.max_grad_norm)
         # fp16's GradScaler skips overflowing steps itself (and lowers its scale); elsewhere a
         # non-finite loss or gradient would turn the weights to NaN: skip the step instead
         bad = not math.isfinite(mean_loss) or (scaler is None and not math.isfinite(grad_norm))
@@ -875,15 +942,8 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
                     f"{bad_in_row} steps in a row with a non-finite loss or gradient (at step {step + 1}); "
                     f"stopped without saving, the last checkpoint in {out} is from step {saved_at}: "
                     "lower --lr or check the data")
-        if bad or (mode == "sum" and count == 0):
-            pass                                  # not finite, or nothing supervised in the window: no update
-        elif scaler is not None:
-            scaler.step(optimizer)                # skips the step when fp16 gradients overflowed
-        else:
-            optimizer.step()
-        if scaler is not None:
-            scaler.update()                       # after unscale_, also when the step was skipped
-        optimizer.zero_grad(set_to_none=True)
+        # no update when not finite, or when nothing was supervised in the window
+        _update(optimizer, scaler, apply=not bad and not (mode == "sum" and count == 0))
         step += 1
         losses.append(mean_loss)
         items_since_log += items
@@ -894,33 +954,11 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
             row = {"step": step, "epoch": batches.epoch, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
                    "skipped": skipped,
                    f"{unit}_per_s": items_since_log / max(now - t_log, 1e-9), "elapsed_s": now - t_start, **logs}
-            if device.type == "cuda":
-                row["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             items_since_log, t_log = 0.0, now
-            if dist.is_main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                extra = "".join(f" | {k} {v:.4g}" for k, v in logs.items())
-                mem = f" | mem {row['max_mem_gib']:.1f} GiB" if "max_mem_gib" in row else ""
-                gn = f" | grad {grad_norm:.3g}" if grad_norm is not None else ""
-                dist.log(f"step {step}/{total_steps} | epoch {batches.epoch} | loss {mean_loss:.4f}{extra} | "
-                         f"lr {lr:.2e}{gn} | {row[f'{unit}_per_s']:.1f} {unit}/s{mem}")
+            _log_step(row, logs, unit, total_steps, metrics_path, dist)
         if validating and (step % cfg.eval_every == 0 or step == total_steps):
-            model.eval()
-            scores = evaluate(model)                  # collective: the same scores on every rank
-            model.train()
-            value = scores[metric]
-            improved = best is None or (value > best["value"] if higher_is_better else value < best["value"])
-            if improved:
-                best, bad_evals = {"step": step, "value": value}, 0
-            else:
-                bad_evals += 1
-            if dist.is_main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"step": step, "epoch": batches.epoch, **scores, "best_step": best["step"]})
-                            + "\n")
-            dist.log(f"step {step}/{total_steps} | dev " + " | ".join(f"{k} {v:.4g}" for k, v in scores.items())
-                     + (" | new best" if improved else f" | best {best['value']:.4g} at step {best['step']}"))
+            best, bad_evals, improved = _validate(model, evaluate, metric, higher_is_better, best, bad_evals,
+                                                  step, batches.epoch, total_steps, metrics_path, dist)
             if improved:
                 save(step)                            # the folder's weights: the best so far
                 saved_at, t_saved = step, time.perf_counter()
