@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from hf import checkpoint_folder, read_json, read_safetensors
-from model import LLM, apply_lora, copy_strict
+from model import LLM, apply_lora, apply_rope, copy_strict
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -393,10 +393,8 @@ def _rope(n: int, head_dim: int, theta: float, device):  # -> cos, sin (n, head_
     return emb.cos(), emb.sin()
 
 
-def _apply_rope(x, cos, sin):  # x (B, h, n, hd)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+def _apply_rope(x, cos, sin):  # x (B, h, n, hd), cos/sin (n, hd): the LLM's rotation, in fp32
+    return apply_rope(x.float(), cos[None], sin[None]).to(x.dtype)
 
 
 class SelfAttention(nn.Module):
