@@ -34,18 +34,27 @@ def _full_precision(x: torch.Tensor):
 
 # ----------------------------------------------------------------------------- CLIP
 
-def _gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` (b, D) from every rank in rank order -> (W*b, D).
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)  # (W*b, D)
 
-    all_gather is not autograd-aware, so we gather detached copies and put the local
-    tensor back into its own slot: gradients flow to this rank's rows only, which is
-    exactly the part of the global graph this rank owns.
-    """
-    world, rank = dist.get_world_size(), dist.get_rank()
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[rank] = x
-    return torch.cat(parts, dim=0)  # (W*b, D)
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss sends its gradient of these rows back
+        b = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * b:(dist.get_rank() + 1) * b]
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """`x` (b, D) of every rank, in rank order -> (W*b, D), with gradients: each rank's rows get
+    the sum of every rank's gradient for them. So when every rank computes the same global
+    loss from the gathered rows, DDP's average of the parameter gradients is that loss's
+    gradient: the loss needs no factor of the world size."""
+    return _AllGather.apply(x)
 
 
 def _check_equal_batches(b: int, device: torch.device) -> None:
@@ -67,19 +76,11 @@ def clip_loss(video_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale) -> t
     Returns the mean of the video->text and text->video cross-entropies (at least fp32).
 
     Under torch.distributed (initialised, world size W > 1) every rank gathers the other
-    ranks' embeddings and computes the loss over the global batch, the full (W*B) x (W*B)
-    logit matrix, so:
-      - the value equals the single-process loss over the W*B pairs (the same on all ranks);
-      - the gradient w.r.t. this rank's embeddings equals the single-process gradient
-        w.r.t. those rows (the other ranks' rows are detached copies).
-    Every rank must pass the same B (use drop_last=True); otherwise a ValueError is raised.
-
-    Parameter gradients: each rank back-propagates into its own rows only, so the
-    single-process gradient of an encoder parameter is the SUM over ranks, while DDP
-    AVERAGES over ranks. A caller that wants single-process-equal parameter gradients
-    multiplies this loss by W before backward. `logit_scale` enters the whole global
-    matrix on every rank, so its local gradient would already be the full one; it is
-    scaled by 1/W here (value unchanged) so that the same x W rule is exact for it too.
+    ranks' embeddings (`all_gather`) and computes the loss over the global batch, the full
+    (W*B) x (W*B) logit matrix: the value equals the single-process loss over the W*B pairs,
+    the same on all ranks, and DDP's average of the parameter gradients is its gradient
+    (the logit scale's too). Every rank must pass the same B (use drop_last=True);
+    otherwise a ValueError is raised.
     """
     if video_emb.dim() != 2 or video_emb.shape != text_emb.shape:
         raise ValueError(f"clip_loss: video_emb {tuple(video_emb.shape)} and text_emb "
@@ -91,11 +92,7 @@ def clip_loss(video_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale) -> t
         t = F.normalize(_at_least_fp32(text_emb), dim=-1)  # (B, D)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             _check_equal_batches(v.shape[0], v.device)
-            v = _gather_with_local_grad(v)  # (W*B, D)
-            t = _gather_with_local_grad(t)  # (W*B, D)
-            if torch.is_tensor(logit_scale) and logit_scale.requires_grad:
-                w = dist.get_world_size()
-                logit_scale = logit_scale / w + (logit_scale * (1 - 1 / w)).detach()
+            v, t = all_gather(v), all_gather(t)  # (W*B, D) each
         if torch.is_tensor(logit_scale):
             logit_scale = _at_least_fp32(logit_scale)
         logits = logit_scale * v @ t.T  # (N, N) video i vs text j

@@ -134,17 +134,12 @@ def encode_sentences(text_encoder, texts, lang, device, batch_size=64):
     return torch.cat(out)
 
 
-def objective(out: dict, text_words, signcl_weight: float, world_size: int = 1):
-    """Eq. 2: L = L_CLIP + lambda * L_SignCL, as fit's `train_step` returns it: (loss, None, logs).
-
-    CLIP is already the global batch's mean; SignCL is this rank's mean, so its gradient enters
-    / world_size; the rest of it is added detached, so that the logged loss (the mean over
-    ranks) is the objective, the same number as on one process."""
+def objective(out: dict, text_words, signcl_weight: float):
+    """Eq. 2: L = L_CLIP + lambda * L_SignCL, as fit's `train_step` returns it: (loss, None, logs),
+    a mean (CLIP over the global batch, SignCL over this rank's clips; fit averages over ranks)."""
     clip = clip_loss(out["video_emb"], out["text_emb"], out["logit_scale"])  # over the global batch
     signcl = signcl_loss(out["word_features"], out["word_mask"], text_words)
-    signcl_term = signcl_weight * signcl
-    loss = clip + signcl_term / world_size + (signcl_term - signcl_term / world_size).detach()
-    return loss, None, {"clip": clip.detach(), "signcl": signcl.detach()}
+    return clip + signcl_weight * signcl, None, {"clip": clip.detach(), "signcl": signcl.detach()}
 
 
 def kept_bytes(fn) -> int:
@@ -261,7 +256,7 @@ def main(argv):
 
     def train_step(model, batch):
         out = model(batch["frames"], batch["frame_mask"], text_sentence=text_sentence[batch["index"]])
-        return objective(out, text_words[batch["index"]].to(dist.device), cfg.signcl_weight, dist.world_size)
+        return objective(out, text_words[batch["index"]].to(dist.device), cfg.signcl_weight)
 
     def save(folder):
         model.save(folder)

@@ -23,7 +23,7 @@ How a script uses it:
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     def train_step(model, batch):                     # `model` is the DDP wrapper under torchrun
         out = model(batch["frames"], batch["frame_mask"], batch["text_ids"], batch["text_mask"])
-        return clip_loss(...) + 1e-2 * signcl_loss(...) / dist.world_size, None
+        return clip_loss(...) + 1e-2 * signcl_loss(...), None
     fit(model, train_step, dataset, optimizer, cfg, dist, collate_fn=collate_clips,
         save_fn=model.save, unit="clips", stage="vcp")
     cleanup()
@@ -34,16 +34,12 @@ extra scalars to log):
   tokens, clips) and their number. A step minimises (sum of every loss_sum) / (sum of every
   count) over the whole accumulation window on all ranks, so 2 processes x batch b, 1 process
   x batch 2b and 1 process x batch b x grad_accum 2 take the same step.
-- `(loss, None)`: the loss is already the mean over the global batch of this micro-batch,
-  computed from all-gathered features whose local part carries the gradient (as
-  `losses.clip_loss` does). A step minimises the mean of these over the window. The rule:
-  the gradients of the returned loss, summed over ranks, must be the gradient of the global
-  objective; a term that is a mean over this rank's items only (SignCL on the local clips)
-  therefore enters divided by `dist.world_size`, and a parameter that gets the full gradient
-  on every rank already (CLIP's logit scale, which enters the whole global logit matrix)
-  has its gradient divided by `dist.world_size` (`losses.clip_loss` does this for its logit
-  scale itself). The logged loss is the mean over
-  ranks of what train_step returns (the objective when every rank returns the same value).
+- `(loss, None)`: a mean loss. A step minimises its mean over the ranks and the window:
+  DDP averages the gradients, nothing else is scaled. A term over the global batch (CLIP)
+  gathers the other ranks' features with `losses.all_gather`, whose backward sends every
+  rank's gradient to the rows' own rank, so every rank may compute the same global loss; a
+  term over this rank's items (SignCL) is simply added. No loss and no script knows the
+  world size. The logged loss is that same mean over ranks.
 The optional third element, {name: scalar}, is logged as the mean over micro-batches and
 ranks (e.g. {"clip": ..., "signcl": ...} to see the parts of a mixed loss exactly).
 `train_step` must call `model(...)` itself (the DDP wrapper's forward) so gradients sync.
@@ -925,8 +921,8 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
             # DDP averaged the gradients over ranks: x world_size / (every item of the window)
             scale, mean_loss, items = (dist.world_size / count if count > 0 else 0.0), loss_sum / max(count, 1.0), count
         else:
-            # every rank's value is a global mean: average over the window; x world_size as above
-            scale, mean_loss = dist.world_size / cfg.grad_accum, loss_sum / (cfg.grad_accum * dist.world_size)
+            # a mean: DDP averaged it over ranks already; the window's micro-batches are summed
+            scale, mean_loss = 1.0 / cfg.grad_accum, loss_sum / (cfg.grad_accum * dist.world_size)
             items = cfg.batch_size * cfg.grad_accum * dist.world_size
         grad_norm = _scaled_and_clipped(params, scale, optimizer, scaler, cfg.max_grad_norm)
         # fp16's GradScaler skips overflowing steps itself (and lowers its scale); elsewhere a

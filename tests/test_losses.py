@@ -79,7 +79,7 @@ def _ddp_worker(rank, world, init_file, data, out_dir):
         t = t_all[sl].clone().requires_grad_(True)
         loss = clip_loss(v, t, s)
         gv, gt = torch.autograd.grad(loss, [v, t], retain_graph=True)
-        (loss * world).backward()  # the docstring's recipe for single-process-equal parameter grads
+        loss.backward()  # every rank's loss is the global one: DDP's average is its gradient
         result = {"loss": loss.detach(), "gv": gv, "gt": gt, "gw": lin.lin.weight.grad.clone(),
                   "gs": lin.scale.grad.clone()}
         # unequal batches must fail loudly on every rank, not hang or mis-pair
@@ -114,10 +114,11 @@ def test_clip_loss_two_process_gloo_equals_single_process(tmp_path):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         sl = slice(rank * b, (rank + 1) * b)
         torch.testing.assert_close(r["loss"], loss.detach(), atol=1e-6, rtol=0)
-        torch.testing.assert_close(r["gv"], gv[sl], atol=1e-6, rtol=0)
-        torch.testing.assert_close(r["gt"], gt[sl], atol=1e-6, rtol=0)
-        torch.testing.assert_close(r["gw"], gw, atol=1e-6, rtol=0)  # DDP average of world * loss
-        torch.testing.assert_close(r["gs"], gs, atol=1e-6, rtol=0)  # the scale is counted once, not W times
+        # this rank's rows get every rank's gradient for them: W identical losses
+        torch.testing.assert_close(r["gv"], world * gv[sl], atol=1e-6, rtol=0)
+        torch.testing.assert_close(r["gt"], world * gt[sl], atol=1e-6, rtol=0)
+        torch.testing.assert_close(r["gw"], gw, atol=1e-6, rtol=0)  # DDP's average: the global gradient
+        torch.testing.assert_close(r["gs"], gs, atol=1e-6, rtol=0)  # the scale too, with no correction
         assert "different batch sizes [3, 2]" in r["error"]
 
 

@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)
 
 import checkpoint  # noqa: E402
 import training  # noqa: E402
+from losses import all_gather  # noqa: E402
 from training import (Dist, ResumableSampler, TrainConfig, capture_train_state, cli, fit, load_checkpoint,  # noqa: E402
                       lr_at, make_optimizer, parse_config, restore_train_state, save_checkpoint, seed_everything)
 
@@ -77,32 +78,22 @@ def _world():
     return torch_dist.get_world_size() if torch_dist.is_initialized() else 1
 
 
-def _gather_with_local_grad(t):
-    """All ranks' rows; only this rank's carry gradient (what losses.clip_loss does)."""
-    if _world() == 1:
-        return t
-    parts = [torch.zeros_like(t) for _ in range(_world())]
-    torch_dist.all_gather(parts, t.detach())
-    parts[torch_dist.get_rank()] = t
-    return torch.cat(parts)
-
-
 def mean_step(model, batch):
-    """A loss that is global over ranks (like CLIP) plus a per-rank mean entering / world_size."""
+    """A loss over the global batch (like CLIP: gathered rows, a scale every rank sees whole)
+    plus a second term the way a fork adds one: a mean over this rank's items, simply added.
+    The one rule (training.py): nothing here knows the world size."""
     pred, m = model(batch["x"]), batch["mask"].float()             # (B, T)
     score = (pred * m).sum(1) / m.sum(1)                           # (B,)
-    every = _gather_with_local_grad(score)                         # (B * world,)
+    every = all_gather(score[:, None])[:, 0] if _world() > 1 else score   # (B * world,)
     scale = getattr(model, "module", model).logit_scale
     global_term = torch.logsumexp(scale * every, 0) - every.mean()
     local_mse = (((pred - batch["y"]) ** 2 * m).sum(1) / m.sum(1)).mean()
-    return global_term + local_mse / _world(), None, {"mse": local_mse.detach()}
+    return global_term + local_mse, None, {"mse": local_mse.detach()}
 
 
 def run_toy(out, steps, batch_size, grad_accum=1, step_fn=sum_step, dropout=0.0, augment=False, dist=None, **kw):
     seed_everything(0)
     model, data = MLP(dropout, logit_scale=step_fn is mean_step), ToyData(augment=augment)
-    if step_fn is mean_step:   # the remedy the loss rule prescribes for a parameter every rank sees whole
-        model.logit_scale.register_hook(lambda g: g / _world())
     cfg = TrainConfig(**{**dict(out=str(out), max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=3e-2,
                                 weight_decay=0.01, max_grad_norm=1.0, log_every=1, device="cpu"), **kw})
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
