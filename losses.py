@@ -95,9 +95,14 @@ def clip_loss(video_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale) -> t
             v, t = all_gather(v), all_gather(t)  # (W*B, D) each
         if torch.is_tensor(logit_scale):
             logit_scale = _at_least_fp32(logit_scale)
-        logits = logit_scale * v @ t.T  # (N, N) video i vs text j
-        target = torch.arange(logits.shape[0], device=logits.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        return symmetric_cross_entropy(logit_scale * v @ t.T)  # (N, N) video i vs text j
+
+
+def symmetric_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """CLIP's loss on a similarity matrix (N, N) whose diagonal holds the pairs: the mean of the
+    row-wise (video -> text) and column-wise (text -> video) cross-entropies."""
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
 # ----------------------------------------------------------------------------- SignCL

@@ -15,7 +15,6 @@ The frozen teacher encodes every training sentence once, before training. The ou
 (VCPModel.save) holds the visual encoder that VLT uses.
 """
 
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 
 from data import ClipDataset, VideoTransform, collate_clips, language_of, load_rows
 from hf import checkpoint_folder, read_safetensors
-from losses import clip_loss, signcl_loss
+from losses import clip_loss, signcl_loss, symmetric_cross_entropy
 from tokenizer import Tokenizer
 from training import (TrainConfig, autocast, check_out, cli, fit, make_optimizer, parse_config, resolve_precision,
                       seed_everything, setup_distributed, trainable_in_fp32)
@@ -198,10 +197,8 @@ def validate(model: VCPModel, clips: ClipDataset, text_sentence, dist, batch_siz
         video = {k: v for d in every for k, v in d.items()}
     v = F.normalize(torch.stack([video[i] for i in range(len(clips))]), dim=-1)  # (N, clip_dim)
     t = F.normalize(model.encode_text(text_sentence=text_sentence.to(dist.device)).float().cpu(), dim=-1)
-    scale = model.logit_scale.clamp(max=math.log(model.cfg.logit_scale_max)).exp().float().cpu()
-    logits = scale * v @ t.T  # (N, N) video i vs sentence j
-    target = torch.arange(len(clips))
-    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    logits = model.clip_scale().float().cpu() * v @ t.T  # (N, N) video i vs sentence j
+    loss = symmetric_cross_entropy(logits)  # clip_loss without its gather: every rank holds all rows
     texts = [r["text"] for r in clips.rows]
     r1 = sum(texts[j] == texts[i] for i, j in enumerate(logits.argmax(1).tolist())) / len(clips)
     return {"dev_loss": loss.item(), "dev_r1": 100.0 * r1}

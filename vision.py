@@ -861,9 +861,12 @@ class VCPModel(nn.Module):
     def forward(self, frames, frame_mask, text_ids=None, text_mask=None, text_sentence=None) -> dict:
         out = self.encode_video(frames, frame_mask)
         out["text_emb"] = self.encode_text(text_ids, text_mask, text_sentence)
-        # clamped so the multiplier never exceeds logit_scale_max (CLIP: 100)
-        out["logit_scale"] = self.logit_scale.clamp(max=math.log(self.cfg.logit_scale_max)).exp()
+        out["logit_scale"] = self.clip_scale()
         return out
+
+    def clip_scale(self):
+        """The multiplier of the CLIP logits: exp of the learnt log, never over logit_scale_max (CLIP: 100)."""
+        return self.logit_scale.clamp(max=math.log(self.cfg.logit_scale_max)).exp()
 
     def save(self, folder: str):
         """config.json (every sub-config, the text encoder folder) + model.safetensors (all but the text encoder)."""
