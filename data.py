@@ -492,6 +492,10 @@ class ClipDataset(torch.utils.data.Dataset):
         # num_workers=0 (each worker process would hold its own copy)
         self.videos = {} if cache_videos else None
 
+    @property
+    def in_memory(self) -> bool:  # decoded clips kept: read in the main process (training.loader_workers)
+        return self.videos is not None
+
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 

@@ -90,9 +90,10 @@ def _video_stamp(path: str) -> list:
     return [len(names), st.st_mtime_ns] + [x for e in ends for x in (e.st_size, e.st_mtime_ns)]
 
 
-def fingerprint(vcp_folder: str, rows, visual_tokens: str) -> str:
+def fingerprint(vcp_folder: str, rows, visual_tokens: str, weights_sha256: str = "") -> str:
+    """weights_sha256: the encoder weights' hash when the caller has it already (a few hundred MB to read)."""
     h = hashlib.sha256()
-    h.update(file_sha256(os.path.join(vcp_folder, "model.safetensors")).encode())
+    h.update((weights_sha256 or file_sha256(os.path.join(vcp_folder, "model.safetensors"))).encode())
     with open(os.path.join(vcp_folder, "config.json"), "rb") as f:
         h.update(f.read())  # holds the frame preprocessing (size, resize, max_frames, stride)
     h.update(visual_tokens.encode())
@@ -158,6 +159,10 @@ class VideoVLTDataset(torch.utils.data.Dataset):
 
     def __init__(self, clips: ClipDataset, tok, system, n_tokens):
         self.clips, self.tok, self.system, self.n_tokens = clips, tok, system, n_tokens
+
+    @property
+    def in_memory(self) -> bool:
+        return self.clips.in_memory
 
     def set_epoch(self, epoch):
         self.clips.set_epoch(epoch)
@@ -287,14 +292,14 @@ def main(argv):
     else:
         model.visual_encoder.to(dist.device)
         path = os.path.join(cache_dir, f"{cfg.split}-{cfg.visual_tokens}.safetensors")
-        features = build_cache(path, model, rows, dist, cfg.batch_size, loader_workers(cfg.num_workers, dist.device),
-                               fingerprint(checkpoint_folder(vcp), rows, cfg.visual_tokens))
+        workers, vcp_read = loader_workers(cfg.num_workers, dist.device), checkpoint_folder(vcp)
+        features = build_cache(path, model, rows, dist, cfg.batch_size, workers,
+                               fingerprint(vcp_read, rows, cfg.visual_tokens, visual_sha256))
         dataset = CachedVLTDataset(rows, features, tok, system)
         collate = lambda items: collate_cached(items, tok.pad_token_id)  # noqa: E731
         dev = dict(features=build_cache(
             os.path.join(cache_dir, f"{cfg.dev_split}-{cfg.visual_tokens}.safetensors"), model, dev_rows, dist,
-            cfg.batch_size, loader_workers(cfg.num_workers, dist.device),
-            fingerprint(checkpoint_folder(vcp), dev_rows, cfg.visual_tokens))
+            cfg.batch_size, workers, fingerprint(vcp_read, dev_rows, cfg.visual_tokens, visual_sha256))
             if dev_rows else {})
         model.visual_encoder = None  # not needed while training on the cache; saved by path
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

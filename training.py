@@ -516,8 +516,8 @@ def loader_workers(num_workers: int, device, in_memory: bool = False) -> int:
     """--num_workers, with -1 resolved: on CUDA the processes on this machine share its cores,
     one each kept for the training process, at most 8 (decoding 336 px PNG/JPEG frames is what
     feeds a GPU; one process would starve it); on the CPU, 0 (workers would take the cores the
-    model computes on). Data held in memory (cache_videos) is read in the main process: each
-    worker would hold its own copy."""
+    model computes on). A dataset that keeps its data in memory (`dataset.in_memory`, e.g.
+    cache_videos) is read in the main process: each worker would hold its own copy."""
     if num_workers >= 0:
         return num_workers
     if in_memory or torch.device(device).type != "cuda":
@@ -853,8 +853,7 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, cfg: TrainCo
     dist.barrier()
     check_out(out, stage)                 # on every rank, so all stop together
 
-    workers = loader_workers(cfg.num_workers, device, in_memory=getattr(dataset, "videos", None) is not None
-                             or getattr(getattr(dataset, "clips", None), "videos", None) is not None)
+    workers = loader_workers(cfg.num_workers, device, in_memory=getattr(dataset, "in_memory", False))
     batches = _Batches(dataset, collate_fn, cfg.batch_size, workers, cfg.seed, dist, drop_last)
     total_steps = cfg.max_steps or cfg.epochs * batches.batches_per_epoch // cfg.grad_accum
     if batches.batches_per_epoch == 0:
