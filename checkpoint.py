@@ -188,7 +188,7 @@ def _read_train_state(path: str) -> dict:
             "path": path}
 
 
-def _link_or_copy(src: str, dst: str, follow_symlinks: bool = False):
+def _link_or_copy(src: str, dst: str):
     """A hard link (instant, whatever the size; the file survives the old folder's removal),
     or a copy where links are not possible (another filesystem, a symlink)."""
     try:

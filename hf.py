@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 
+
 class CheckpointError(KeyError):
     """A checkpoint whose keys do not fit the model (missing, unexpected): one line naming the
     file and the key. A KeyError, so `except KeyError` still sees it; the scripts' `cli` prints
