@@ -1,48 +1,25 @@
 """The language side of LLaVA-SLT (paper sections 3.1 and 3.3).
 
-Reads top to bottom: LLMConfig -> RMSNorm -> RoPE -> attention -> MLP -> LLM (Qwen2/2.5,
-Qwen1.5, Llama-3.x, loaded from and saved to Hugging Face folders) -> generation ->
-LoRA -> Connector -> LLaVASLT (the tokenizer and chat templates are in tokenizer.py).
-Parameter names equal the public checkpoints' names, so loading is a loop over keys.
+Reads top to bottom: LLMConfig -> RMSNorm -> RoPE -> KV cache -> attention -> MLP -> LLM
+(Qwen2/2.5, Qwen1.5, Llama-3.x; greedy and beam search) -> LoRA -> Connector -> LLaVASLT.
+Parameter names equal the public checkpoints' names, so loading is a loop over keys; the
+files themselves are hf.py's business, the tokenizer and chat templates tokenizer.py's.
 """
 
-import json
 import math
-import os
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hf import CheckpointError, checkpoint_folder, file_sha256, read_json, read_safetensors, safetensors_metadata
-
-
-def copy_strict(own: dict, tensors: dict, where: str, source: dict = None):
-    """Copy checkpoint `tensors` into the model's `own` {name: tensor}, strictly: a missing,
-    unexpected or mis-shaped key raises one line naming the file (source[name] when known,
-    else `where`) and the key. Every loader of ours goes through here (never warn-and-continue)."""
-    source = source or {}
-    for k in sorted(own.keys() - tensors.keys()):
-        raise CheckpointError(f"{where}: missing {k}")
-    for k in sorted(tensors.keys() - own.keys()):
-        raise CheckpointError(f"{source.get(k, where)}: unexpected {k} (made for another model?)")
-    for k, v in tensors.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"{source.get(k, where)}: {k} has shape {tuple(v.shape)}, "
-                             f"the model expects {tuple(own[k].shape)}")
-    with torch.no_grad():
-        for k, v in tensors.items():
-            own[k].copy_(v)
-
+import hf
+from hf import copy_strict
 
 # ----------------------------------------------------------------------------- LLM
 # The decoder LLM of section 3.1 (Qwen2.5-7B-Instruct by default; Qwen1.5 and Llama-3.1 in the
 # Tab. 6 ablation, Llama-3.1-8B-Instruct for Phoenix). One module family covers all three:
 # they differ only in q/k/v biases, RoPE frequency scaling and tied embeddings.
-
-_ROPE_TYPES = ("default", "linear", "llama3")
-
 
 @dataclass
 class LLMConfig:
@@ -69,109 +46,40 @@ class LLMConfig:
     dtype: str = "bfloat16"               # the dtype the checkpoint is stored in
 
     def __post_init__(self):
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
-        if rope_type not in _ROPE_TYPES:
-            raise ValueError(f"rope_type {rope_type!r} is not supported (supported: {', '.join(_ROPE_TYPES)})")
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, linear, llama3)")
 
     @classmethod
     def from_hf(cls, d: dict, source: str = "config.json") -> "LLMConfig":
-        """Read a Hugging Face config.json dict; the one place that knows both HF spellings
-        (rope_theta/rope_scaling or rope_parameters; torch_dtype or dtype)."""
-        model_type = d.get("model_type")
-        if model_type not in ("qwen2", "llama"):
-            raise ValueError(f"{source}: model_type {model_type!r} is not supported "
-                             "(qwen2 for Qwen1.5/2/2.5, llama for Llama-3.x)")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if key not in d:
-                raise ValueError(f"{source}: missing {key}")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (silu)")
-        if d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or []):
-            raise ValueError(f"{source}: sliding-window attention is not supported; set use_sliding_window to false")
-        rope = d.get("rope_parameters")
-        if isinstance(rope, dict):  # transformers >= 5 spelling
-            scaling = dict(rope)
-            theta = scaling.pop("rope_theta", d.get("rope_theta", 10000.0))
-        else:
-            scaling = dict(d.get("rope_scaling") or {})
-            theta = d.get("rope_theta", 10000.0)
-        if "type" in scaling:  # older spelling of rope_type
-            scaling.setdefault("rope_type", scaling.pop("type"))
-        if scaling.get("rope_type", "default") == "default":
-            scaling = None
-        llama = model_type == "llama"
-        heads = d["num_attention_heads"]
-        try:
-            return cls(
-                model_type=model_type, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-                intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
-                num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
-                head_dim=d.get("head_dim"),
-                max_position_embeddings=d.get("max_position_embeddings", 2048 if llama else 32768),
-                rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
-                tie_word_embeddings=d.get("tie_word_embeddings", False),
-                attention_bias=d.get("attention_bias", False) if llama else True,
-                o_proj_bias=d.get("attention_bias", False) if llama else False,
-                mlp_bias=d.get("mlp_bias", False) if llama else False,
-                bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
-                pad_token_id=d.get("pad_token_id"),
-                dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32").removeprefix("torch."))
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+        return hf.llm_config(cls, d, source)  # a Hugging Face config.json dict, either spelling
 
     def to_hf(self) -> dict:
-        """The config.json transformers reads (old rope/dtype spellings, which 4.x and 5.x both accept)."""
-        llama = self.model_type == "llama"
-        if llama and self.o_proj_bias != self.attention_bias:
-            raise ValueError("a llama config has one attention_bias for q/k/v/o; o_proj_bias must equal it")
-        if not llama and (not self.attention_bias or self.o_proj_bias or self.mlp_bias):
-            raise ValueError("a qwen2 config has q/k/v biases and no o_proj/MLP bias")
-        d = {
-            "architectures": ["LlamaForCausalLM" if llama else "Qwen2ForCausalLM"],
-            "model_type": self.model_type, "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim, "hidden_act": "silu", "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
-            "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id, "torch_dtype": self.dtype,
-            "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
-        }
-        if llama:
-            d.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
-        else:
-            d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers)
-        return d
+        return hf.llm_config_json(asdict(self))
 
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         # Normalise in fp32 and cast back before the weight, as the public checkpoints were trained.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        h = x.float()
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rope_inv_freq(config: LLMConfig) -> torch.Tensor:
     """Inverse frequencies (head_dim / 2,) in fp32 on the CPU, with the config's frequency scaling."""
-    dim, base = config.head_dim, config.rope_theta
+    dim, base, scaling = config.head_dim, config.rope_theta, config.rope_scaling or {}
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
-    scaling = config.rope_scaling or {}
-    rope_type = scaling.get("rope_type", "default")
-    if rope_type == "linear":
+    if scaling.get("rope_type") == "linear":
         inv_freq = inv_freq / scaling["factor"]
-    elif rope_type == "llama3":
+    elif scaling.get("rope_type") == "llama3":
         # Llama 3.1: long wavelengths slowed down by `factor`, short ones kept, a smooth blend between.
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_len = scaling["original_max_position_embeddings"]
@@ -183,6 +91,12 @@ def rope_inv_freq(config: LLMConfig) -> torch.Tensor:
         medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         inv_freq = torch.where(medium, smoothed, scaled)
     return inv_freq
+
+
+def rope_tables(n: int, inv_freq):  # -> cos, sin (n, head_dim) fp32 of positions 0 .. n-1
+    freqs = torch.arange(n, device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (n, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (n, head_dim)
+    return emb.cos(), emb.sin()
 
 
 class RotaryEmbedding(nn.Module):
@@ -198,21 +112,14 @@ class RotaryEmbedding(nn.Module):
         device = position_ids.device
         if self.cos is None or self.cos.shape[0] < n_positions or self.cos.device != device:
             n = max(n_positions, 2 * self.cos.shape[0] if self.cos is not None else 256)
-            freqs = torch.arange(n, device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)  # (n, head_dim)
-            self.cos, self.sin = emb.cos(), emb.sin()
+            self.cos, self.sin = rope_tables(n, self.inv_freq.to(device))
         return self.cos[position_ids].to(dtype), self.sin[position_ids].to(dtype)  # (B, T, head_dim)
 
 
-def rotate_half(x):
-    # Halves, not interleaved pairs: the HF layout of the Qwen and Llama checkpoints.
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x, cos, sin):  # x (B, H, T, hd), cos/sin (B, T, hd)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
+    # Rotates halves, not interleaved pairs: the HF layout of the Qwen and Llama checkpoints.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.unsqueeze(1) + torch.cat((-x2, x1), dim=-1) * sin.unsqueeze(1)
 
 
 class KVCache:
@@ -222,8 +129,7 @@ class KVCache:
     def __init__(self, config: LLMConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, KV, S_max, hd)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
+        self.v, self.length = torch.zeros_like(self.k), 0
 
     @property
     def batch_size(self):
@@ -238,45 +144,8 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def repeat_interleave(self, n: int):
-        """Each row n times (a prompt's cache copied to its beams)."""
-        self.k, self.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
-
-    def reorder(self, index):
-        """Rows take the cache of row index[i] (beam search keeps the best parents)."""
-        n = self.length
-        self.k[:, :, :, :n] = self.k[:, index, :, :n]
-        self.v[:, :, :, :n] = self.v[:, index, :, :n]
-
     def advance(self, n: int):
         self.length += n
-
-
-class PrefixCache:
-    """Keys and values of a prompt prefix that every row starts with, for training with a frozen
-    LLM: VLT's connector stage (section 3.3) feeds the same system turn in every example, so a
-    frozen LLM's keys and values there never change and are computed once instead of every step.
-    It is read-only, so one object serves every step: update() concatenates instead of writing
-    in place (autograd must not see a buffer that later layers overwrite)."""
-
-    def __init__(self, llm: "LLM", ids):
-        ids = torch.as_tensor(ids, dtype=torch.long, device=llm.lm_head.weight.device)  # (P,)
-        cache = KVCache(llm.config, 1, len(ids), device=ids.device, dtype=llm.lm_head.weight.dtype)
-        with torch.no_grad():
-            llm(ids[None], cache=cache)
-        self.ids, self.k, self.v = ids, cache.k, cache.v  # (L, 1, KV, P, hd)
-        self.length = len(ids)
-        self.batch_size = None  # any: the one prefix row serves every row of a batch
-
-    def update(self, layer: int, k, v):
-        """This call's k/v (B, KV, T, hd) after the prefix's: (B, KV, P + T, hd)."""
-        B = k.shape[0]
-        # .to: under autocast the new keys are bf16 while the prefix was stored in the weights' dtype
-        return (torch.cat([self.k[layer].to(k.dtype).expand(B, -1, -1, -1), k], dim=2),
-                torch.cat([self.v[layer].to(v.dtype).expand(B, -1, -1, -1), v], dim=2))
-
-    def advance(self, n: int):
-        pass  # every call continues from the prefix alone
 
 
 class Attention(nn.Module):
@@ -297,9 +166,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd)
-        if mask is None:
-            # No padding: causal attention over this call's tokens (no cache), or one new token
-            # that sees every cached key (a decoding step). No mask keeps SDPA's GQA kernels.
+        if mask is None:  # see _mask_or_none
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)  # (B, H, T, hd)
         else:
             # On CUDA, a mask together with enable_gqa falls back to the math kernel (which
@@ -310,9 +177,27 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+def _mask_or_none(attention_mask, T: int, past: int, device):
+    """Boolean (B or 1, 1, T, S) mask, True = may attend: causal, never to padding; None where SDPA's
+    own causal masking (or none, for one new token) gives every real token the same output."""
+    # Fast path (bench.py llm_prefill_ratio, llm_greedy_ratio): no mask keeps SDPA's fused GQA kernels.
+    if past == 0 and (attention_mask is None or bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())):
+        return None  # no padding, or right padding only (training batches): no real token sees a pad
+    if T == 1 and (attention_mask is None or bool(attention_mask.all())):
+        return None  # a decoding step with no padding anywhere
+    q_pos = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(past + T, device=device)[None, :]        # (1, S)
+    mask = (k_pos <= q_pos)[None]                                 # (1, T, S)
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, :]           # (B, T, S)
+        # A padding query sees no real key; letting it see itself keeps SDPA off an all-masked
+        # row (NaN in some kernels; torch's CPU kernel returns 0), and NaN in padding rows would
+        # leak through 0 * NaN into real rows' values in the next layer.
+        mask = mask | (k_pos == q_pos)
+    return mask[:, None]  # (B, 1, T, S)
 
+
+class MLP(nn.Module):  # SwiGLU
     def __init__(self, config: LLMConfig):
         super().__init__()
         D, I, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
@@ -337,18 +222,21 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def _dtype(d) -> torch.dtype:
-    if isinstance(d, torch.dtype):
-        return d
-    if not isinstance(getattr(torch, str(d).removeprefix("torch."), None), torch.dtype):
-        raise ValueError(f"unknown dtype {d!r} (float32, bfloat16, float16)")
-    return getattr(torch, str(d).removeprefix("torch."))
+def _eos_list(eos) -> list:  # None, an id or a list of ids
+    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
-def _eos_list(eos) -> list:
-    if eos is None:
-        return []
-    return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
+def _embedding_without_init(n: int, dim: int) -> nn.Embedding:
+    # Fast path (bench.py load_peak_rss_ratio): LLM._init_weights draws it anyway, and on the meta
+    # device (from_pretrained) nn.Embedding's own normal_ would import ~70 MB of torch for nothing.
+    return nn.Embedding(n, dim, _weight=torch.empty(n, dim))
+
+
+def _cpu_decoding_logits(weight, x):  # weight (V, D), x (B, T, D) with B * T small -> (B, T, V)
+    # Fast path (bench.py llm_greedy_ratio): for a few rows, BLAS streams the big head weight 1.5-2x
+    # faster as the left operand (W @ x^T) than as nn.Linear's transposed right one (x @ W^T).
+    B, T, D = x.shape
+    return (weight @ x.reshape(B * T, D).T).T.reshape(B, T, -1).contiguous()
 
 
 class LLM(nn.Module):
@@ -357,11 +245,8 @@ class LLM(nn.Module):
     def __init__(self, config: LLMConfig):
         super().__init__()
         self.config = config
-        # _weight skips nn.Embedding's own normal_ init: _init_weights below does it, and on the
-        # meta device (from_pretrained) normal_ would import ~70 MB of torch for nothing.
         self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size,
-                                      _weight=torch.empty(config.vocab_size, config.hidden_size)),
+            embed_tokens=_embedding_without_init(config.vocab_size, config.hidden_size),
             layers=nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)]),
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
         ))
@@ -370,8 +255,7 @@ class LLM(nn.Module):
         self.tie_weights()
         self._init_weights()
         # EOS ids generate() stops on by default: generation_config.json's when loaded from a folder.
-        self.generation_config = {}
-        self.generation_eos_ids = _eos_list(config.eos_token_id)
+        self.generation_config, self.generation_eos_ids = {}, _eos_list(config.eos_token_id)
 
     def tie_weights(self):
         if self.config.tie_word_embeddings:
@@ -391,15 +275,9 @@ class LLM(nn.Module):
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, cache=None,
                 logits_to_keep: int = 0, hidden_states: bool = False):
-        """Logits (B, T, V) in the model dtype; (B, n, V) of the last n positions with logits_to_keep=n
-        (generation needs the last one only: the LM head over a whole prompt is wasted work);
-        hidden_states=True: the last hidden states (B, T, D) after the final norm instead (an LLM
-        as VCP's text supervisor, Tab. 7 row 6).
-
-        attention_mask (B, S): 1 = token, 0 = padding, over the cached positions and this call's
-        (S = cache.length + T). Without position_ids, positions count real tokens only
-        (mask cumsum - 1), so a left-padded prompt is computed as it would be alone.
-        """
+        """Logits (B, T, V), or (B, n, V) of the last n positions with logits_to_keep=n; hidden_states:
+        the final-norm states (B, T, D) instead (VCP's text supervisor, Tab. 7). attention_mask (B,
+        cache.length + T): 1 = token; positions count tokens only, so left padding changes nothing."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
@@ -420,173 +298,47 @@ class LLM(nn.Module):
         else:
             n_positions = int(position_ids.max()) + 1
         cos, sin = self.rotary(position_ids, x.dtype, n_positions)  # (B, T, hd)
-        mask = self._attention_mask(attention_mask, T, past, x.device)
+        mask = _mask_or_none(attention_mask, T, past, x.device)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(T)
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]  # (B, n, D)
+        x = self.model.norm(x)
         if hidden_states:
-            return self.model.norm(x)  # (B, T or n, D)
-        return self._logits(self.model.norm(x))  # (B, T or n, V)
-
-    def _logits(self, x):  # (B, T, D) -> (B, T, V)
-        B, T, D = x.shape
-        if x.device.type == "cpu" and B * T <= 32 and type(self.lm_head) is nn.Linear and not torch.is_grad_enabled():
-            # Decoding on CPU: for a few rows, BLAS streams the big (V, D) head weight 1.5-2x faster
-            # as the left operand (W @ x^T) than as the transposed right one (x @ W^T, nn.Linear).
-            return (self.lm_head.weight @ x.reshape(B * T, D).T).T.reshape(B, T, -1).contiguous()
-        return self.lm_head(x)
-
-    @staticmethod
-    def _attention_mask(attention_mask, T, past, device):
-        """Boolean (B or 1, 1, T, S) mask, True = may attend; None when attention needs no mask:
-        causal over this call's tokens (past == 0), or one token seeing every key (T == 1)."""
-        if past == 0 and (attention_mask is None or bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())):
-            # No padding or right padding only (training batches): under a causal mask no real
-            # token can see a pad, so SDPA's causal kernels give the same real-token outputs.
-            return None
-        if T == 1 and (attention_mask is None or bool(attention_mask.all())):
-            # A decoding step with no padding anywhere: the new token attends to every position.
-            return None
-        q_pos = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
-        k_pos = torch.arange(past + T, device=device)[None, :]        # (1, S)
-        mask = (k_pos <= q_pos)[None]                                 # (1, T, S)
-        if attention_mask is not None:
-            mask = mask & attention_mask.bool()[:, None, :]           # (B, T, S)
-            # A padding query sees no real key; letting it see itself keeps SDPA off an all-masked
-            # row (NaN in some kernels; torch's CPU kernel returns 0), and NaN in padding rows would
-            # leak through 0 * NaN into real rows' values in the next layer.
-            mask = mask | (k_pos == q_pos)
-        return mask[:, None]  # (B, 1, T, S)
-
-    # ------------------------------------------------------------------ Hugging Face folders
+            return x  # (B, T or n, D)
+        few_cpu_rows = x.device.type == "cpu" and x.shape[:2].numel() <= 32 and not torch.is_grad_enabled()
+        if few_cpu_rows and type(self.lm_head) is nn.Linear:  # decoding on CPU
+            return _cpu_decoding_logits(self.lm_head.weight, x)
+        return self.lm_head(x)  # (B, T or n, V)
 
     @classmethod
     def from_pretrained(cls, folder: str, dtype=torch.float32, device="cpu") -> "LLM":
-        """Load config.json + model.safetensors (or shards + model.safetensors.index.json).
-
-        The model is built on the meta device and each tensor is read from its file straight into
-        its own memory (cast to `dtype`, placed on `device`) one at a time, so memory holds one
-        copy of the weights plus at most one tensor. Missing, unexpected and mis-shaped keys are
-        errors that name the file and the key.
-        """
-        dtype = _dtype(dtype)
-        folder = checkpoint_folder(folder)  # a CPT save cut by a kill: its last whole checkpoint
-        config_path = os.path.join(folder, "config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{folder}: no config.json; an LLM folder holds config.json and model.safetensors "
-                                    "(or model-*.safetensors shards with model.safetensors.index.json)")
-        config = LLMConfig.from_hf(read_json(config_path), source=config_path)
-        key_files, missing_source = _checkpoint_keys(folder)
+        """A Hugging Face folder; built on the meta device, filled one tensor at a time (hf.load_weights)."""
+        folder = hf.checkpoint_folder(folder)  # a CPT save cut by a kill: its last whole checkpoint
+        config = LLMConfig.from_hf(*hf.read_config(folder, "an LLM folder holds config.json and safetensors weights"))
         with torch.device("meta"):
             llm = cls(config)
-        expected = dict(llm.named_parameters())  # tied lm_head.weight is not listed (shared)
-        ignored = {"lm_head.weight"} if config.tie_word_embeddings else set()
-        for key, path in key_files.items():
-            if key not in expected and key not in ignored:
-                raise CheckpointError(f"checkpoint {path}: unexpected {key}")
-        for key in expected:
-            if key not in key_files:
-                raise CheckpointError(f"checkpoint {missing_source}: missing {key}")
-        by_file = {}
-        for key, path in key_files.items():
-            if key in expected:
-                by_file.setdefault(path, []).append(key)
-        # Shapes first (headers only), so a wrong checkpoint fails before gigabytes are read.
-        headers = {path: _safetensors_header(path) for path in by_file}
-        for path, keys in by_file.items():
-            entries = headers[path][0]
-            for key in keys:
-                if key not in entries:
-                    raise CheckpointError(f"checkpoint {path}: missing {key} (the index lists it in this shard)")
-                shape = tuple(entries[key]["shape"])
-                if shape != tuple(expected[key].shape):
-                    raise ValueError(f"checkpoint {path}: {key} has shape {shape}, "
-                                     f"the config expects {tuple(expected[key].shape)}")
-        modules = dict(llm.named_modules())
-        for path, keys in by_file.items():
-            entries, data_start = headers[path]
-            # Plain reads, not safetensors' mmap: a mapped tensor keeps the whole shard's pages
-            # resident and stays backed by the file (which a later save into the folder overwrites).
-            with open(path, "rb", buffering=0) as f:
-                for key in keys:
-                    module_name, name = key.rsplit(".", 1)
-                    tensor = _read_tensor(f, path, key, entries[key], data_start, dtype, device)
-                    modules[module_name]._parameters[name] = nn.Parameter(tensor)
-                    del tensor
+        hf.load_weights(llm, folder, dtype, device, ignore={"lm_head.weight"} if config.tie_word_embeddings else ())
         llm.tie_weights()
-        gen_path = os.path.join(folder, "generation_config.json")
-        if os.path.isfile(gen_path):
-            llm.generation_config = read_json(gen_path)
-            if llm.generation_config.get("eos_token_id") is not None:
-                llm.generation_eos_ids = _eos_list(llm.generation_config["eos_token_id"])
+        llm.generation_config = hf.read_generation_config(folder)
+        if llm.generation_config.get("eos_token_id") is not None:
+            llm.generation_eos_ids = _eos_list(llm.generation_config["eos_token_id"])
         return llm.eval()
 
     def save_pretrained(self, folder: str, max_shard_size: int = 2**30, tokenizer=None, dtype=None):
-        """Write a folder transformers.AutoModelForCausalLM.from_pretrained loads: config.json,
-        model.safetensors (or shards of at most max_shard_size bytes + model.safetensors.index.json),
-        generation_config.json (and the tokenizer's files when one is given). `dtype`: the
-        weights' dtype on disk (default: as in memory; training keeps fp32 master weights)."""
-        from safetensors.torch import save_file
-        tensors = merged_parameters(self)  # tied head listed once; LoRA folded in, the model unchanged
-        if dtype is not None:
-            tensors = {k: v.to(_dtype(dtype)) if v.is_floating_point() else v for k, v in tensors.items()}
-        os.makedirs(folder, exist_ok=True)
-        shards, size = [{}], 0
-        for name, t in tensors.items():
-            nbytes = t.numel() * t.element_size()
-            if shards[-1] and size + nbytes > max_shard_size:
-                shards.append({})
-                size = 0
-            shards[-1][name] = t
-            size += nbytes
-        if len(shards) == 1:
-            names = ["model.safetensors"]
-        else:
-            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for name, shard in zip(names, shards):
-            save_file({k: v.cpu() for k, v in shard.items()}, os.path.join(folder, name), metadata={"format": "pt"})
-        index_path = os.path.join(folder, "model.safetensors.index.json")
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                     "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-            with open(index_path, "w") as f:
-                json.dump(index, f, indent=2)
-        # Weights of an earlier save into the same folder would shadow or confuse the new ones.
-        for old in os.listdir(folder):
-            weights = old == "model.safetensors" or (old.startswith("model-") and "-of-" in old
-                                                     and old.endswith(".safetensors"))
-            if (weights and old not in names) or (old == "model.safetensors.index.json" and len(shards) == 1):
-                os.remove(os.path.join(folder, old))
-        config = self.config.to_hf()
-        config["torch_dtype"] = str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch.")
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        gen = dict(self.generation_config)
-        eos = self.generation_eos_ids
-        gen["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
-        gen.setdefault("bos_token_id", self.config.bos_token_id)
-        if self.config.pad_token_id is not None:
-            gen.setdefault("pad_token_id", self.config.pad_token_id)
-        with open(os.path.join(folder, "generation_config.json"), "w") as f:
-            json.dump(gen, f, indent=2)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-
-    # ------------------------------------------------------------------ generation
+        """A folder transformers' AutoModelForCausalLM.from_pretrained loads, LoRA folded in. `dtype`:
+        the weights' dtype on disk (default: as in memory; training keeps fp32 master weights)."""
+        hf.save_llm(folder, merged_parameters(self), self.config.to_hf(), self.generation_config,
+                    self.generation_eos_ids, max_shard_size, dtype, tokenizer)
 
     @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens: int = 32,
                  eos_token_id=None, num_beams: int = 1, length_penalty: float = 1.0, pad_token_id=None):
-        """New tokens only (B, <= max_new_tokens), rows padded with pad_token_id (default: the first
-        EOS id) after their EOS. Prompts are left-padded (attention_mask 0 on the left).
-
-        eos_token_id: int or list; None uses the folder's generation_config.json EOS ids (or the
-        config's). num_beams > 1 is beam search exactly as transformers' generate(num_beams=k,
-        do_sample=False, length_penalty=..., early_stopping=False) does it.
-        """
+        """New tokens (B, <= max_new_tokens) of left-padded prompts, padded with pad_token_id (default: the
+        first EOS id) after EOS (int or list, default generation_config.json's). num_beams > 1: as
+        transformers' generate(num_beams=k, do_sample=False, length_penalty=..., early_stopping=False)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         eos = _eos_list(eos_token_id) if eos_token_id is not None else list(self.generation_eos_ids)
@@ -605,14 +357,10 @@ class LLM(nn.Module):
         cache = KVCache(self.config, B, T + max_new_tokens, embeds.device, embeds.dtype)
         logits = self(inputs_embeds=embeds, attention_mask=full_mask[:, :T], cache=cache,
                       logits_to_keep=1)[:, -1].float()  # (B, V)
-        eos_t = torch.tensor(eos, dtype=torch.long, device=embeds.device)
-        if num_beams == 1:
-            return self._greedy(logits, cache, full_mask, T, max_new_tokens, eos_t, pad)
-        return self._beam_search(logits, cache, full_mask, T, max_new_tokens, eos_t, pad, num_beams, length_penalty)
-
-    def _greedy(self, logits, cache, full_mask, T, max_new_tokens, eos, pad):
-        B = logits.shape[0]
-        out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=logits.device)
+        eos = torch.tensor(eos, dtype=torch.long, device=embeds.device)
+        if num_beams != 1:
+            return self._beam_search(logits, cache, full_mask, T, max_new_tokens, eos, pad, num_beams, length_penalty)
+        out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=logits.device)  # greedy
         done = torch.zeros(B, dtype=torch.bool, device=logits.device)
         for step in range(max_new_tokens):
             token = torch.where(done, pad, logits.argmax(-1))  # (B,)
@@ -623,20 +371,16 @@ class LLM(nn.Module):
             logits = self(token[:, None], attention_mask=full_mask[:, :T + step + 1], cache=cache)[:, -1].float()
 
     def _beam_search(self, logits, cache, full_mask, T, max_new_tokens, eos, pad, K, length_penalty):
-        """transformers' beam search (generation/utils.py `_beam_search`, 5.x), on tensors.
-
-        Each step keeps the top (1 + #eos, at least 2) * K continuations of all beams; those ending
-        in EOS (or at max length) among the top K become finished hypotheses scored
-        logprob / new_length ** length_penalty; the best K unfinished continue. A prompt stops
-        once its K finished hypotheses are all better than what its best running beam could
-        still reach at the current length (early_stopping=False).
-        """
+        """transformers' beam search (generation/utils.py `_beam_search`, 5.x) on tensors. Each step keeps
+        the top (1 + #eos, at least 2) * K continuations; those ending in EOS (or at max length) among the
+        top K become finished hypotheses scored logprob / new_length ** length_penalty, the best K others
+        run on. A prompt stops once its K finished ones beat what its best running beam can still reach."""
         B, V = logits.shape
         L, dev = max_new_tokens, logits.device
         keep = max(2, 1 + len(eos)) * K
         top_k_mask = torch.arange(keep, device=dev) < K                      # (keep,)
         log_probs = F.log_softmax(logits, dim=-1).repeat_interleave(K, 0)    # (B*K, V)
-        cache.repeat_interleave(K)
+        cache.k, cache.v = cache.k.repeat_interleave(K, dim=1), cache.v.repeat_interleave(K, dim=1)  # per beam
         full_mask = full_mask.repeat_interleave(K, 0)                        # (B*K, T + L)
         running = torch.full((B, K, L), pad, dtype=torch.long, device=dev)   # running beams' new tokens
         running_scores = torch.zeros(B, K, device=dev)
@@ -654,16 +398,13 @@ class LLM(nn.Module):
             candidates = running.gather(1, parent[:, :, None].expand(B, keep, L)).clone()  # (B, keep, L)
             candidates[:, :, step] = token
             hits = torch.isin(token, eos) | (step + 1 == L)                  # (B, keep) stop here
-            # The best K that did not stop keep running.
-            alive_scores = top_scores + hits.to(torch.float32) * -1.0e9
+            alive_scores = top_scores + hits.to(torch.float32) * -1.0e9     # the best K not stopped run on
             nxt = torch.topk(alive_scores, K).indices                        # (B, K)
             running = candidates.gather(1, nxt[:, :, None].expand(B, K, L))
             running_scores = alive_scores.gather(1, nxt)
             parent_rows = (parent.gather(1, nxt) + batch_offset).view(-1)   # (B*K,)
-            # Stopped candidates among the top K compete with the finished ones.
-            just = hits & top_k_mask[None, :]
-            new_scores = top_scores / ((step + 1) ** length_penalty)
-            new_scores = new_scores + (~open_).to(torch.float32) * -1.0e9
+            just = hits & top_k_mask[None, :]  # stopped among the top K: they compete with the finished ones
+            new_scores = top_scores / ((step + 1) ** length_penalty) + (~open_).to(torch.float32) * -1.0e9
             new_scores = new_scores + (~just) * -1.0e9
             merged_scores = torch.cat((finished_scores, new_scores), 1)      # (B, K + keep)
             best = torch.topk(merged_scores, K).indices                      # (B, K)
@@ -678,73 +419,12 @@ class LLM(nn.Module):
             open_ = open_ & (best_possible > worst).any(-1, keepdim=True)
             if step + 1 == L or not bool(open_.any()) or bool(hits.all()):
                 break
-            cache.reorder(parent_rows)
+            n = cache.length  # each beam goes on from its parent's keys and values
+            cache.k[:, :, :, :n], cache.v[:, :, :, :n] = cache.k[:, parent_rows, :, :n], cache.v[:, parent_rows, :, :n]
             token = running[:, :, step].reshape(B * K, 1)
             logits = self(token, attention_mask=full_mask[:, :T + step + 1], cache=cache)[:, -1].float()
             log_probs = F.log_softmax(logits, dim=-1)                        # (B*K, V)
-        n = int(finished_len[:, 0].max())
-        return finished[:, 0, :n]
-
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def _safetensors_header(path: str):
-    """({key: {"dtype", "shape", "data_offsets"}}, byte offset of the data) of a .safetensors file.
-
-    The format: 8 bytes little-endian header length, a JSON header, then the raw tensor bytes.
-    """
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if size < 8 or n > size - 8:
-            raise ValueError(f"checkpoint {path}: not a safetensors file (truncated or corrupt header)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError(f"checkpoint {path}: not a safetensors file (unreadable header)") from None
-    header.pop("__metadata__", None)
-    return header, 8 + n
-
-
-def _read_tensor(f, path, key, entry, data_start, dtype, device):
-    """Read one tensor from an open safetensors file into fresh memory of `dtype` on `device`."""
-    src = _SAFETENSORS_DTYPES.get(entry["dtype"])
-    if src is None:
-        raise ValueError(f"checkpoint {path}: {key} has dtype {entry['dtype']}, which this loader does not read")
-    begin, end = entry["data_offsets"]
-    out = torch.empty(entry["shape"], dtype=src)  # CPU; the parameter itself when no cast or move is needed
-    buf = memoryview(out.view(-1).view(torch.uint8).numpy())
-    if end - begin != len(buf):
-        raise ValueError(f"checkpoint {path}: {key} holds {end - begin} bytes, its shape and dtype need {len(buf)}")
-    f.seek(data_start + begin)
-    while len(buf):  # one read may return less than asked (files over 2 GB, pipes)
-        n = f.readinto(buf)
-        if not n:
-            raise ValueError(f"checkpoint {path}: file ends inside {key} (truncated download?)")
-        buf = buf[n:]
-    return out.to(device=device, dtype=dtype)
-
-
-def _checkpoint_keys(folder: str):
-    """{key: safetensors path} of a folder's weights and the file a missing key is reported against."""
-    index_path = os.path.join(folder, "model.safetensors.index.json")
-    single = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(index_path):
-        weight_map = read_json(index_path).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"checkpoint {index_path}: no weight_map")
-        for name in sorted(set(weight_map.values())):
-            if not os.path.isfile(os.path.join(folder, name)):
-                raise FileNotFoundError(f"checkpoint {index_path}: shard {name} is missing from {folder}")
-        return {k: os.path.join(folder, v) for k, v in weight_map.items()}, index_path
-    if os.path.isfile(single):
-        return {k: single for k in _safetensors_header(single)[0]}, single
-    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json; an LLM folder holds "
-                            "config.json and safetensors weights (pickled .bin checkpoints are not loaded)")
-
+        return finished[:, 0, :int(finished_len[:, 0].max())]
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -752,27 +432,20 @@ def _checkpoint_keys(folder: str):
 # LLM during the optional full-tuning pass of section 3.3.
 
 class LoRALinear(nn.Module):
-    """nn.Linear plus a low-rank update: y = x W^T + b + dropout(x) A^T B^T * alpha / r.
-
-    `weight` and `bias` keep the wrapped layer's names, so a base checkpoint still loads
-    into a model that already has adapters; `lora_A.weight` / `lora_B.weight` are PEFT's
-    names for the adapter matrices. The adapters are fp32 whatever the base weight's dtype:
-    they are what trains, and an update of lr 1e-5 to a bf16 weight mostly rounds away.
-    """
+    """nn.Linear plus a low-rank update: y = x W^T + b + dropout(x) A^T B^T * alpha / r. `weight`
+    and `bias` keep the wrapped layer's names (a base checkpoint still loads), `lora_A` / `lora_B`
+    are PEFT's. The adapters are fp32 whatever the base's dtype: they are what trains, and an
+    update of lr 1e-5 to a bf16 weight mostly rounds away."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
+        self.weight, self.bias = base.weight, base.bias
         self.r, self.alpha, self.scale = r, alpha, alpha / r
         factory = dict(device=base.weight.device, dtype=torch.promote_types(base.weight.dtype, torch.float32))
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.reset_lora()
-
-    def reset_lora(self):
         # A random, B zero: the wrapped layer starts out unchanged (LoRA paper, section 4.1).
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
@@ -782,19 +455,9 @@ class LoRALinear(nn.Module):
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scale
         return out + update.to(out.dtype)  # under autocast both run in the autocast dtype anyway
 
-    @torch.no_grad()
-    def merged(self) -> nn.Linear:
-        """A plain nn.Linear holding W + B A * alpha / r (for saving or fast inference)."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
+    def merged_weight(self):  # W + B A * alpha / r, in W's dtype
         delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale
-        lin.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
-        if self.bias is not None:
-            lin.bias.copy_(self.bias)
-        lin.weight.requires_grad_(self.weight.requires_grad)
-        if self.bias is not None:
-            lin.bias.requires_grad_(self.bias.requires_grad)
-        return lin
+        return (self.weight.float() + delta).to(self.weight.dtype)
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, r={self.r}, alpha={self.alpha}"
@@ -802,10 +465,7 @@ class LoRALinear(nn.Module):
 
 def apply_lora(module: nn.Module, targets=("q_proj", "v_proj"), r: int = 8, alpha: float = 16,
                dropout: float = 0.0) -> list:
-    """Wrap every nn.Linear whose attribute name is in `targets`; returns the wrapped names.
-
-    Base weights are untouched; freezing them is the caller's choice (see `lora_parameters`).
-    """
+    """Wrap every nn.Linear named in `targets` (base weights untouched, not frozen); the wrapped names."""
     wrapped = []
     for name, parent in list(module.named_modules()):
         for child_name, child in list(parent.named_children()):
@@ -817,33 +477,27 @@ def apply_lora(module: nn.Module, targets=("q_proj", "v_proj"), r: int = 8, alph
     return wrapped
 
 
+@torch.no_grad()
 def merge_lora(module: nn.Module) -> nn.Module:
-    """Replace every LoRALinear by the plain nn.Linear it equals; returns the module."""
-    for name, parent in list(module.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, LoRALinear):
-                setattr(parent, child_name, child.merged())
+    """Replace every LoRALinear by the plain nn.Linear it equals (for fast inference); returns the module."""
+    for parent in list(module.modules()):
+        for name, m in list(parent.named_children()):
+            if isinstance(m, LoRALinear):
+                lin = nn.Linear(m.in_features, m.out_features, m.bias is not None, m.weight.device, m.weight.dtype)
+                lin.weight.copy_(m.merged_weight()).requires_grad_(m.weight.requires_grad)
+                if m.bias is not None:
+                    lin.bias.copy_(m.bias).requires_grad_(m.bias.requires_grad)
+                setattr(parent, name, lin)
     return module
 
 
 @torch.no_grad()
 def merged_parameters(module: nn.Module) -> dict:
-    """{name: tensor} of the module's parameters with every LoRALinear folded into its weight
-    (W + B A * alpha / r) under the base names, adapters left out; the module is unchanged,
-    so a training run can save a plain checkpoint and go on."""
-    lora = {n: m for n, m in module.named_modules() if isinstance(m, LoRALinear)}
-    out = {}
-    for name, p in module.named_parameters():
-        owner, _, leaf = name.rpartition(".")
-        if ".lora_A." in name or ".lora_B." in name:
-            continue
-        if owner in lora and leaf == "weight":
-            m = lora[owner]
-            delta = (m.lora_B.weight.float() @ m.lora_A.weight.float()) * m.scale
-            out[name] = (p.float() + delta).to(p.dtype)
-        else:
-            out[name] = p.detach().contiguous()
-    return out
+    """{name: tensor} of the parameters with every LoRALinear folded into its weight, adapters left
+    out; the module is unchanged, so a training run can save a plain checkpoint and go on."""
+    lora = {f"{n}.weight": m for n, m in module.named_modules() if isinstance(m, LoRALinear)}
+    return {name: lora[name].merged_weight() if name in lora else p.detach().contiguous()
+            for name, p in module.named_parameters() if ".lora_A." not in name and ".lora_B." not in name}
 
 
 def lora_parameters(module: nn.Module) -> dict:
@@ -852,33 +506,16 @@ def lora_parameters(module: nn.Module) -> dict:
 
 
 def save_lora(module: nn.Module, folder: str):
-    """Adapters on their own, PEFT-style: adapter_model.safetensors + adapter_config.json."""
-    from safetensors.torch import save_file
-    layers = [m for m in module.modules() if isinstance(m, LoRALinear)]
-    if not layers:
-        raise ValueError("save_lora: the module has no LoRA layers")
-    targets = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, LoRALinear)})
-    os.makedirs(folder, exist_ok=True)
-    tensors = {f"base_model.model.{n}": p.detach().contiguous().cpu() for n, p in lora_parameters(module).items()}
-    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "r": layers[0].r, "lora_alpha": layers[0].alpha,
-              "target_modules": targets, "bias": "none",
-              "lora_dropout": layers[0].dropout.p if isinstance(layers[0].dropout, nn.Dropout) else 0.0}
-    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    """The adapters on their own, as PEFT saves them (adapter_model.safetensors + adapter_config.json)."""
+    layers = {n: m for n, m in module.named_modules() if isinstance(m, LoRALinear)}
+    hf.write_lora(folder, layers, lora_parameters(module))
 
 
 def load_lora(module: nn.Module, folder: str) -> nn.Module:
     """Apply adapters saved by `save_lora` (wrapping the target layers first if needed)."""
-    path = os.path.join(folder, "adapter_model.safetensors")
-    cfg_path = os.path.join(folder, "adapter_config.json")
-    for p in (path, cfg_path):
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"{p}: not found; an adapter folder holds adapter_model.safetensors and adapter_config.json")
-    cfg = read_json(cfg_path)
+    config, tensors, path = hf.read_lora(folder)
     if not any(isinstance(m, LoRALinear) for m in module.modules()):
-        apply_lora(module, cfg["target_modules"], cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0))
-    tensors = {k.removeprefix("base_model.model."): v for k, v in read_safetensors(path).items()}
+        apply_lora(module, config["target_modules"], config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0))
     copy_strict(lora_parameters(module), tensors, path)
     return module
 
@@ -893,10 +530,8 @@ class Connector(nn.Module):
         if kind not in ("mlp", "linear"):
             raise ValueError(f"connector kind must be 'mlp' or 'linear', got {kind!r}")
         self.kind = kind
-        if kind == "mlp":
-            self.proj = nn.Sequential(nn.Linear(visual_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
-        else:
-            self.proj = nn.Linear(visual_dim, llm_dim)
+        self.proj = (nn.Sequential(nn.Linear(visual_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+                     if kind == "mlp" else nn.Linear(visual_dim, llm_dim))
 
     def forward(self, word_features):  # (B, N, D_visual) -> (B, N, D_llm)
         return self.proj(word_features)
@@ -905,22 +540,40 @@ class Connector(nn.Module):
 # ----------------------------------------------------------------------------- LLaVASLT
 # Section 3.3 / Fig. 2 right: the connector output is inserted into the user turn of the
 # chat template, "concatenating them with text token embeddings as the overall input".
-# The visual encoder is passed in (model.py does not import vision.py).
+
+class PrefixCache:
+    """Keys and values of the prompt prefix every row starts with (VLT's system turn), computed once
+    for a frozen LLM instead of every step. Read-only, so one object serves every step: update()
+    concatenates (autograd must not see a buffer that later layers overwrite)."""
+
+    def __init__(self, llm: LLM, ids):
+        ids = torch.as_tensor(ids, dtype=torch.long, device=llm.lm_head.weight.device)  # (P,)
+        cache = KVCache(llm.config, 1, len(ids), device=ids.device, dtype=llm.lm_head.weight.dtype)
+        with torch.no_grad():
+            llm(ids[None], cache=cache)
+        self.ids, self.k, self.v, self.length = ids, cache.k, cache.v, len(ids)  # k, v (L, 1, KV, P, hd)
+        self.batch_size = None  # any: the one prefix row serves every row of a batch
+
+    def update(self, layer: int, k, v):
+        """This call's k/v (B, KV, T, hd) after the prefix's: (B, KV, P + T, hd)."""
+        # .to: under autocast the new keys are bf16 while the prefix was stored in the weights' dtype
+        return (torch.cat([self.k[layer].to(k.dtype).expand(len(k), -1, -1, -1), k], dim=2),
+                torch.cat([self.v[layer].to(v.dtype).expand(len(v), -1, -1, -1), v], dim=2))
+
+    def advance(self, n: int):
+        pass  # every call continues from the prefix alone
+
 
 class LLaVASLT(nn.Module):
-    """Connector + LLM (+ the visual encoder when it is tuned too). Prompts hold `slot_mask`
-    positions whose embeddings are replaced by the projected visual tokens, one slot per valid
-    word feature (for the sentence-level ablation of Tab. 8, one per position of the
-    full-attention encoder's penultimate layer)."""
+    """Connector + LLM (+ the visual encoder, passed in: model.py does not import vision.py).
+    Prompts hold `slot_mask` positions whose embeddings are replaced by the projected visual
+    tokens, one slot per valid word feature (Tab. 8's sentence-level ablation: per position)."""
 
-    def __init__(self, llm: nn.Module, connector: Connector, visual_encoder: nn.Module = None,
-                 visual_tokens: str = "word"):
+    def __init__(self, llm: LLM, connector: Connector, visual_encoder: nn.Module = None, visual_tokens: str = "word"):
         super().__init__()
         if visual_tokens not in ("word", "sentence"):
             raise ValueError(f"visual_tokens must be 'word' or 'sentence', got {visual_tokens!r}")
-        self.llm = llm
-        self.connector = connector
-        self.visual_encoder = visual_encoder
+        self.llm, self.connector, self.visual_encoder = llm, connector, visual_encoder
         self.visual_tokens = visual_tokens
 
     def visual_features(self, frames, frame_mask):
@@ -931,11 +584,8 @@ class LLaVASLT(nn.Module):
         return out["word_features"], out["word_mask"]
 
     def splice(self, input_ids, slot_mask, word_features, word_mask):
-        """Token embeddings with the visual tokens written into the slots.
-
-        input_ids, slot_mask: (B, T); word_features: (B, N, D_visual); word_mask: (B, N).
-        Row b must have exactly word_mask[b].sum() slots; both are filled in reading order.
-        """
+        """Embeddings (B, T, D) of input_ids (B, T) with word_features (B, N, D_visual) written into the
+        slots in reading order: row b must have exactly word_mask[b].sum() slots (slot_mask (B, T))."""
         embeds = self.llm.embed(input_ids)  # (B, T, D)
         visual = self.connector(word_features).to(embeds.dtype)  # (B, N, D)
         n_slots, n_valid = slot_mask.sum(1), word_mask.sum(1)
@@ -946,13 +596,10 @@ class LLaVASLT(nn.Module):
     def forward(self, input_ids, attention_mask, slot_mask, word_features=None, word_mask=None,
                 frames=None, frame_mask=None, prefix: PrefixCache = None):
         """Logits (B, T, V) from cached visual tokens, or from frames through the visual encoder.
-
-        With `prefix` (the frozen LLM's PrefixCache of the first P tokens every row starts with),
-        only the rest is computed and the logits are those of positions P.. (B, T - P, V).
-        """
+        With `prefix` (a PrefixCache of the first P tokens of every row) only the rest is computed:
+        the logits of positions P.. (B, T - P, V)."""
         if frames is not None:
             word_features, word_mask = self.visual_features(frames, frame_mask)
-        cache = None
         if prefix is not None:
             P = prefix.length
             if not (torch.equal(input_ids[:, :P], prefix.ids.expand(len(input_ids), P))
@@ -961,34 +608,15 @@ class LLaVASLT(nn.Module):
                                  "(right-padded prompts with the same system turn)")
             if any(p.requires_grad for p in self.llm.parameters()):
                 raise ValueError("LLaVASLT.forward: a PrefixCache needs a frozen LLM (its keys would go stale)")
-            input_ids, slot_mask, cache = input_ids[:, P:], slot_mask[:, P:], prefix  # (B, T - P)
+            input_ids, slot_mask = input_ids[:, P:], slot_mask[:, P:]  # (B, T - P)
         embeds = self.splice(input_ids, slot_mask, word_features, word_mask)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache)  # (B, T or T - P, V)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, cache=prefix)  # (B, T or T - P, V)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, slot_mask, word_features, word_mask, **kwargs):
         """Left-padded prompts ending with the assistant header -> new token ids (B, <=max_new_tokens)."""
         embeds = self.splice(input_ids, slot_mask, word_features, word_mask)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
-
-    # A LLaVA-SLT folder: config.json (the LLM and visual-encoder folders it builds on, relative
-    # to itself, and the settings) + connector.safetensors, and after full-tuning llm_adapter/
-    # (LoRA on the LLM) and visual/ (the tuned visual encoder).
-    def save(self, folder: str, llm_folder: str, visual_folder: str, settings: dict, save_visual=None):
-        from safetensors.torch import save_file
-        os.makedirs(folder, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.connector.state_dict().items()},
-                  os.path.join(folder, "connector.safetensors"))
-        if any(isinstance(m, LoRALinear) for m in self.llm.modules()):
-            save_lora(self.llm, os.path.join(folder, "llm_adapter"))
-        if save_visual is not None:
-            save_visual(os.path.join(folder, "visual"))
-        config = {"format": "llava-slt", "llm": os.path.relpath(os.path.abspath(llm_folder), os.path.abspath(folder)),
-                  "visual": os.path.relpath(os.path.abspath(visual_folder), os.path.abspath(folder)),
-                  "connector": self.connector.kind, "visual_dim": self.connector_dims()[0],
-                  "visual_tokens": self.visual_tokens, **settings}
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
 
     def connector_dtype(self) -> torch.dtype:
         return next(self.connector.parameters()).dtype
@@ -997,45 +625,25 @@ class LLaVASLT(nn.Module):
         first = self.connector.proj[0] if self.connector.kind == "mlp" else self.connector.proj
         return first.in_features, self.llm.config.hidden_size
 
+    def save(self, folder: str, llm_folder: str, visual_folder: str, settings: dict, save_visual=None):
+        """A LLaVA-SLT folder (hf.save_llava); save_visual(folder) writes a tuned visual encoder."""
+        hf.save_llava(self, folder, llm_folder, visual_folder, settings, lambda f: save_lora(self.llm, f), save_visual)
+
     @staticmethod
     def read_config(folder: str, check_visual: bool = True) -> dict:
-        """config.json with the LLM and visual folders resolved; check_visual: refuse when the
-        visual encoder the connector was trained on changed since (its recorded sha256)."""
-        folder = checkpoint_folder(folder)  # a save cut by a kill: its last whole checkpoint
-        path = os.path.join(folder, "config.json")
-        config = read_json(path) if os.path.isfile(path) else None
-        if config is None:
-            raise FileNotFoundError(f"{folder}: no config.json; not a LLaVA-SLT folder (train_vlt.py writes one)")
-        if config.get("format") != "llava-slt":
-            raise ValueError(f"{path}: not a LLaVA-SLT folder (train_vlt.py writes one with \"format\": \"llava-slt\")")
-        for key in ("llm", "visual"):  # stored relative to the folder, so the tree can move
-            config[key] = checkpoint_folder(os.path.join(folder, config[key]))
-        if os.path.isdir(os.path.join(folder, "visual")):
-            config["visual"] = os.path.join(folder, "visual")
-        elif check_visual and config.get("visual_sha256"):
-            weights = os.path.join(config["visual"], "model.safetensors")
-            if os.path.isfile(weights) and file_sha256(weights) != config["visual_sha256"]:
-                safetensors_metadata(weights)  # a damaged file is named as such, not as another encoder
-                raise ValueError(f"{weights}: the visual encoder changed since {folder} was trained on it "
-                                 "(another sha256); train the connector again on this encoder, or restore "
-                                 "the encoder it was trained on")
-        config["folder"] = folder
-        return config
+        """config.json with the LLM and visual folders resolved (hf.read_llava_config)."""
+        return hf.read_llava_config(folder, check_visual)
 
     @classmethod
     def load(cls, folder: str, load_visual, dtype=torch.float32, device="cpu") -> "LLaVASLT":
         """load_visual(folder) -> the visual encoder (vision.VCPModel.load); model.py does not import vision.py."""
         config = cls.read_config(folder)
-        folder = config["folder"]
         llm = LLM.from_pretrained(config["llm"], dtype=dtype, device=device)
-        if os.path.isdir(os.path.join(folder, "llm_adapter")):
-            load_lora(llm, os.path.join(folder, "llm_adapter"))
+        if adapter := hf.llava_adapter(config["folder"]):  # LoRA on the LLM, after full-tuning
+            load_lora(llm, adapter)
         connector = Connector(config["visual_dim"], llm.config.hidden_size, config["connector"])
-        path = os.path.join(folder, "connector.safetensors")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: not found; the folder holds no trained connector")
-        copy_strict(connector.state_dict(), read_safetensors(path), path)
-        model = cls(llm, connector.to(device=device, dtype=dtype), load_visual(config["visual"]),
-                    config["visual_tokens"])
+        hf.load_connector(connector, config["folder"])
+        connector = connector.to(device=device, dtype=dtype)
+        model = cls(llm, connector, load_visual(config["visual"]), config["visual_tokens"])
         model.config = config
         return model.eval()

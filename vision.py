@@ -1,72 +1,25 @@
 """The visual side of LLaVA-SLT: visual contrastive pretraining (VCP, paper section 3.2).
 
-Reads top to bottom: checkpoint helpers -> ViT (DINOv2, with and without registers, Hugging
-Face parameter names) -> HierarchicalEncoder (frame -> word -> sentence, Fig. 4) ->
-TextEncoder (the frozen mBART encoder that supervises VCP) -> VCPModel (ViT + LoRA +
-hierarchical encoder + projections into the CLIP space + logit scale).
+Reads top to bottom: ViT (DINOv2) -> HierarchicalEncoder (frame -> word -> sentence, Fig. 4) ->
+TextEncoder (the frozen mBART encoder that supervises VCP; or an LLM, Tab. 7) -> VCPModel (ViT +
+LoRA + hierarchical encoder + projections into the CLIP space). Parameter names equal the public
+checkpoints', so loading is a loop over keys; the files themselves are hf.py's business."""
 
-Parameter names equal the public checkpoints' names, so loading is a loop over keys, and a
-missing, unexpected or mis-shaped key is a one-line error naming the file and the key.
-"""
-
-import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hf import checkpoint_folder, read_json, read_safetensors
-from model import LLM, apply_lora, apply_rope, copy_strict
+import hf
+from model import LLM, apply_lora, apply_rope, rope_tables
 from tokenizer import Tokenizer
 
-# ----------------------------------------------------------------------------- checkpoints
-# One place knows the file layouts of a Hugging Face folder: model.safetensors or sharded
-# safetensors (model.safetensors.index.json). Pickled pytorch_model.bin files are never
-# loaded (a pickle can run code); convert them once on a trusted machine.
-
-
-def _read_config(folder: str) -> dict:
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found; expected a Hugging Face model folder")
-    return read_json(path)
-
-
-def _read_checkpoint(folder: str, keep) -> tuple:
-    """({name: tensor} for the names `keep(name)` accepts, {name: file it came from}, the file
-    (or shard index) to name when a key is missing)."""
-    single = os.path.join(folder, "model.safetensors")
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(single) or os.path.isfile(index):
-        if os.path.isfile(single):
-            files = [single]
-        else:
-            files = [os.path.join(folder, s) for s in sorted(set(read_json(index)["weight_map"].values()))]
-        tensors, source = {}, {}
-        for path in files:
-            part = read_safetensors(path, keep)  # only what is used (mBART: the decoder stays on disk)
-            tensors.update(part)
-            source.update(dict.fromkeys(part, path))
-        return tensors, source, single if os.path.isfile(single) else index
-    hint = (" (it has pytorch_model.bin, a pickle, which is not loaded: convert it once with "
-            "transformers' save_pretrained(..., safe_serialization=True))"
-            if os.path.isfile(os.path.join(folder, "pytorch_model.bin")) else "")
-    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
-
-
-def _load_strict(module: nn.Module, tensors: dict, source: dict, where: str, skip=lambda k: False):
-    """Strict loading (model.copy_strict) of everything in the module's state dict but `skip`."""
-    own = {k: v for k, v in module.state_dict().items() if not skip(k)}
-    copy_strict(own, tensors, f"checkpoint {where}", {k: f"checkpoint {v}" for k, v in source.items()})
-
-
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu,
-                "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+                **dict.fromkeys(("gelu_new", "gelu_pytorch_tanh"), lambda x: F.gelu(x, approximate="tanh"))}
 
 
 def _activation(name: str):
@@ -75,13 +28,16 @@ def _activation(name: str):
     return _ACTIVATIONS[name]
 
 
-def _square(v, name: str) -> int:
-    """DINOv2 configs give image/patch sizes as an int or a square pair."""
-    if isinstance(v, (list, tuple)):
-        if len(v) != 2 or v[0] != v[1]:
-            raise ValueError(f"config {name}={v}: only square sizes are supported")
-        return int(v[0])
-    return int(v)
+def _self_attention(x, projections, heads: int, mask=None, rope=None, dropout=0.0, n_queries=None):
+    """Multi-head self-attention of x (B, L, D) through the linear layers (q, k, v, out), for every
+    encoder here; n_queries: the first n tokens' outputs only (every token is still a key and value)."""
+    (q, k, v, out), (B, _, D) = projections, x.shape
+    qs, ks, vs = (t.view(B, -1, heads, D // heads).transpose(1, 2)  # (B, h, L or Lq, hd)
+                  for t in (q(x if n_queries is None else x[:, :n_queries]), k(x), v(x)))
+    if rope is not None:
+        qs, ks = _apply_rope(qs, *rope), _apply_rope(ks, *rope)
+    y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, dropout_p=dropout)  # (B, h, Lq, hd)
+    return out(y.transpose(1, 2).reshape(B, qs.shape[2], D))  # (B, Lq, D)
 
 
 # ----------------------------------------------------------------------------- ViT (DINOv2)
@@ -107,50 +63,23 @@ class ViTConfig:
     num_register_tokens: int = 0
     model_type: str = "dinov2"  # or "dinov2_with_registers" (register tokens, antialiased resize)
 
-    @classmethod
-    def from_hf(cls, d: dict) -> "ViTConfig":
-        model_type = d.get("model_type", "dinov2")
-        if model_type not in ("dinov2", "dinov2_with_registers"):
-            raise ValueError(f"config model_type {model_type!r}: expected dinov2 or dinov2_with_registers")
-        registers = model_type == "dinov2_with_registers"
-        return cls(hidden_size=d["hidden_size"], num_hidden_layers=d["num_hidden_layers"],
-                   num_attention_heads=d["num_attention_heads"], mlp_ratio=d.get("mlp_ratio", 4),
-                   patch_size=_square(d.get("patch_size", 14), "patch_size"),
-                   image_size=_square(d.get("image_size", 518), "image_size"),
-                   num_channels=d.get("num_channels", 3), layer_norm_eps=d.get("layer_norm_eps", 1e-6),
-                   layerscale_value=d.get("layerscale_value", 1.0), qkv_bias=d.get("qkv_bias", True),
-                   hidden_act=d.get("hidden_act", "gelu"), use_swiglu_ffn=d.get("use_swiglu_ffn", False),
-                   # the registers checkpoints always carry a mask token
-                   use_mask_token=True if registers else d.get("use_mask_token", True),
-                   num_register_tokens=d.get("num_register_tokens", 4) if registers else 0,
-                   model_type=model_type)
-
     @property
     def registers(self) -> bool:
         return self.model_type == "dinov2_with_registers"
 
 
-class ViTPatchEmbeddings(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.projection = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
-
-    def forward(self, pixel_values):  # (N, 3, H, W) -> (N, H/p * W/p, D)
-        return self.projection(pixel_values).flatten(2).transpose(1, 2)
-
-
 class ViTEmbeddings(nn.Module):
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, config: ViTConfig):
         super().__init__()
-        self.cfg = cfg
-        D, grid = cfg.hidden_size, cfg.image_size // cfg.patch_size
+        self.config = config
+        D, grid, p = config.hidden_size, config.image_size // config.patch_size, config.patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         # unused here (masked-image pretraining only), kept so checkpoints load strictly
-        self.mask_token = nn.Parameter(torch.zeros(1, D)) if cfg.use_mask_token else None
-        self.patch_embeddings = ViTPatchEmbeddings(cfg)
+        self.mask_token = nn.Parameter(torch.zeros(1, D)) if config.use_mask_token else None
+        self.patch_embeddings = nn.ModuleDict(dict(projection=nn.Conv2d(config.num_channels, D, p, stride=p)))
         self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + grid * grid, D))
-        if cfg.registers:
-            self.register_tokens = nn.Parameter(torch.zeros(1, cfg.num_register_tokens, D))
+        if config.registers:
+            self.register_tokens = nn.Parameter(torch.zeros(1, config.num_register_tokens, D))
 
     def position_embedding(self, n_patches: int, height: int, width: int):  # -> (1, 1 + n_patches, D)
         """The checkpoint's patch grid resized as transformers does: to (H/p, W/p), bicubic, in fp32."""
@@ -158,140 +87,78 @@ class ViTEmbeddings(nn.Module):
         n_positions = pos.shape[1] - 1
         if n_patches == n_positions and height == width:
             return pos
-        p, D = self.cfg.patch_size, pos.shape[-1]
+        p, D = self.config.patch_size, pos.shape[-1]
         side = int(math.sqrt(n_positions))
         grid = pos[:, 1:].reshape(1, side, side, D).permute(0, 3, 1, 2)  # (1, D, side, side)
         # bicubic in half precision shifts the embeddings, so resample in fp32
         grid = F.interpolate(grid.float(), size=(height // p, width // p), mode="bicubic",
-                             align_corners=False, antialias=self.cfg.registers).to(pos.dtype)
+                             align_corners=False, antialias=self.config.registers).to(pos.dtype)
         grid = grid.permute(0, 2, 3, 1).reshape(1, -1, D)  # (1, h*w, D)
         return torch.cat([pos[:, :1], grid], dim=1)
 
     def forward(self, pixel_values):  # (N, 3, H, W) -> (N, 1 + R + h*w, D)
         N, _, H, W = pixel_values.shape
-        x = self.patch_embeddings(pixel_values.to(self.patch_embeddings.projection.weight.dtype))  # (N, h*w, D)
+        projection = self.patch_embeddings.projection
+        x = projection(pixel_values.to(projection.weight.dtype)).flatten(2).transpose(1, 2)  # (N, h*w, D)
         x = torch.cat([self.cls_token.expand(N, -1, -1), x], dim=1)  # (N, 1 + h*w, D)
         x = x + self.position_embedding(x.shape[1] - 1, H, W)
-        if self.cfg.registers:  # token order [CLS, registers, patches]; registers carry no position
+        if self.config.registers:  # token order [CLS, registers, patches]; registers carry no position
             x = torch.cat([x[:, :1], self.register_tokens.expand(N, -1, -1), x[:, 1:]], dim=1)
         return x
 
 
-class ViTSelfAttention(nn.Module):
-    def __init__(self, cfg: ViTConfig):
+class ViTMLP(nn.Module):  # fc1 -> act -> fc2, or dinov2-giant's SwiGLU: weights_in (gate, up stacked) -> weights_out
+    def __init__(self, config: ViTConfig):
         super().__init__()
-        D = cfg.hidden_size
-        self.query = nn.Linear(D, D, bias=cfg.qkv_bias)
-        self.key = nn.Linear(D, D, bias=cfg.qkv_bias)
-        self.value = nn.Linear(D, D, bias=cfg.qkv_bias)
-
-
-class ViTSelfOutput(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-
-
-class ViTAttention(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.n_heads = cfg.num_attention_heads
-        self.attention = ViTSelfAttention(cfg)  # `attention.attention.query` as in the checkpoints
-        self.output = ViTSelfOutput(cfg)
-
-    def forward(self, x, n_queries: int | None = None):  # (N, L, D) -> (N, L or n_queries, D)
-        """n_queries: the outputs of the first n tokens only; every token is still a key and a value."""
-        N, L, D = x.shape
-        hd = D // self.n_heads
-        q = self.attention.query(x if n_queries is None else x[:, :n_queries])
-        q = q.view(N, -1, self.n_heads, hd).transpose(1, 2)  # (N, h, Lq, hd)
-        k, v = (proj(x).view(N, L, self.n_heads, hd).transpose(1, 2)  # (N, h, L, hd)
-                for proj in (self.attention.key, self.attention.value))
-        y = F.scaled_dot_product_attention(q, k, v)  # (N, h, Lq, hd)
-        return self.output.dense(y.transpose(1, 2).reshape(N, q.shape[2], D))  # (N, Lq, D)
-
-
-class ViTLayerScale(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.lambda1 = nn.Parameter(torch.full((cfg.hidden_size,), float(cfg.layerscale_value)))
+        D, hidden, self.swiglu = config.hidden_size, int(config.hidden_size * config.mlp_ratio), config.use_swiglu_ffn
+        if self.swiglu:
+            hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+            self.weights_in, self.weights_out = nn.Linear(D, 2 * hidden), nn.Linear(hidden, D)
+        else:
+            self.fc1, self.fc2, self.act = nn.Linear(D, hidden), nn.Linear(hidden, D), _activation(config.hidden_act)
 
     def forward(self, x):
-        return x * self.lambda1
-
-
-class ViTMLP(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        hidden = int(cfg.hidden_size * cfg.mlp_ratio)
-        self.fc1 = nn.Linear(cfg.hidden_size, hidden)
-        self.fc2 = nn.Linear(hidden, cfg.hidden_size)
-        self.act = _activation(cfg.hidden_act)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class ViTSwiGLU(nn.Module):
-    """dinov2-giant's MLP; checkpoint names weights_in (gate and up stacked) / weights_out."""
-
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        hidden = (int(int(cfg.hidden_size * cfg.mlp_ratio) * 2 / 3) + 7) // 8 * 8
-        self.weights_in = nn.Linear(cfg.hidden_size, 2 * hidden)
-        self.weights_out = nn.Linear(hidden, cfg.hidden_size)
-
-    def forward(self, x):
+        if not self.swiglu:
+            return self.fc2(self.act(self.fc1(x)))
         gate, up = self.weights_in(x).chunk(2, dim=-1)
         return self.weights_out(F.silu(gate) * up)
 
 
 class ViTLayer(nn.Module):
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, config: ViTConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.attention = ViTAttention(cfg)
-        self.layer_scale1 = ViTLayerScale(cfg)
-        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = ViTSwiGLU(cfg) if cfg.use_swiglu_ffn else ViTMLP(cfg)
-        self.layer_scale2 = ViTLayerScale(cfg)
+        D, bias, scale = config.hidden_size, config.qkv_bias, float(config.layerscale_value)
+        self.heads = config.num_attention_heads
+        self.norm1 = nn.LayerNorm(D, eps=config.layer_norm_eps)
+        # attention.attention.query ... attention.output.dense, layer_scale1.lambda1: the checkpoints' nesting
+        qkv = nn.ModuleDict({name: nn.Linear(D, D, bias=bias) for name in ("query", "key", "value")})
+        self.attention = nn.ModuleDict(dict(attention=qkv, output=nn.ModuleDict(dict(dense=nn.Linear(D, D)))))
+        self.layer_scale1 = nn.ParameterDict(dict(lambda1=nn.Parameter(torch.full((D,), scale))))
+        self.norm2 = nn.LayerNorm(D, eps=config.layer_norm_eps)
+        self.mlp = ViTMLP(config)
+        self.layer_scale2 = nn.ParameterDict(dict(lambda1=nn.Parameter(torch.full((D,), scale))))
 
     def forward(self, x, n_queries: int | None = None):  # (N, L, D) -> (N, L or n_queries, D)
-        """n_queries: compute the first n tokens' outputs only (all tokens still attended to)."""
-        h = self.attention(self.norm1(x), n_queries)
-        x = (x if n_queries is None else x[:, :n_queries]) + self.layer_scale1(h)
-        return x + self.layer_scale2(self.mlp(self.norm2(x)))
-
-
-class ViTEncoder(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.layer = nn.ModuleList(ViTLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        """n_queries: the outputs of the first n tokens only (every token is still attended to)."""
+        projections = (*self.attention.attention.values(), self.attention.output.dense)  # query, key, value, dense
+        h = _self_attention(self.norm1(x), projections, self.heads, n_queries=n_queries)
+        x = (x if n_queries is None else x[:, :n_queries]) + h * self.layer_scale1.lambda1
+        return x + self.mlp(self.norm2(x)) * self.layer_scale2.lambda1
 
 
 class ViT(nn.Module):
-    """DINOv2 backbone. vit(pixel_values (N, 3, H, W), ImageNet-normalised) -> CLS (N, D).
-
-    Any H, W divisible by the patch size; frames run `chunk_size` at a time so a long video
-    does not hold every frame's attention at once. `grad_checkpointing` keeps nothing of a
-    chunk for the backward pass but its output and recomputes the chunk there: per frame,
-    memory then holds the CLS feature instead of every layer's activations (checkpointing each
-    layer instead would still keep the residual stream at all 12 layer boundaries, 21.75 MiB
-    per 336 px frame of ViT-B/14), at the price of one more forward of the ViT; the peak of
-    the recompute is one chunk's activations (lower --vit_chunk_size to lower it).
-    """
+    """DINOv2 backbone: (N, 3, H, W) ImageNet-normalised, H and W multiples of the patch, -> CLS (N, D),
+    `chunk_size` frames at a time. `grad_checkpointing` keeps only a chunk's output for the backward pass
+    (per frame the CLS feature; per-layer checkpointing would keep the residual stream at 12 layer
+    boundaries, 21.75 MiB per 336 px ViT-B/14 frame) and recomputes the chunk there (--vit_chunk_size)."""
 
     def __init__(self, config: ViTConfig, chunk_size: int = 64, grad_checkpointing: bool = False):
         super().__init__()
-        self.config = config
-        self.chunk_size = chunk_size
-        self.grad_checkpointing = grad_checkpointing
+        self.config, self.chunk_size, self.grad_checkpointing = config, chunk_size, grad_checkpointing
         self.embeddings = ViTEmbeddings(config)
-        self.encoder = ViTEncoder(config)
+        layers = nn.ModuleList(ViTLayer(config) for _ in range(config.num_hidden_layers))
+        self.encoder = nn.ModuleDict(dict(layer=layers))  # encoder.layer.{i}: the checkpoints' nesting
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self._init_weights()
-
-    def _init_weights(self):
         # transformers' Dinov2 init: truncated normal 0.02 for linear/conv/tokens, zero biases
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -302,19 +169,20 @@ class ViT(nn.Module):
         nn.init.trunc_normal_(self.embeddings.position_embeddings, std=0.02)
 
     @property
-    def num_prefix_tokens(self) -> int:
-        """CLS plus registers: the tokens before the patches."""
+    def num_prefix_tokens(self) -> int:  # CLS plus registers: the tokens before the patches
         return 1 + self.config.num_register_tokens
 
     def _run(self, pixel_values, cls_only: bool = False):  # (n, 3, H, W) -> (n, L, D), or (n, 1, D) cls_only
         x = self.embeddings(pixel_values)
-        last = len(self.encoder.layer) - 1
-        for i, layer in enumerate(self.encoder.layer):
-            # When only CLS is wanted, the last layer computes it alone: its MLP and attention
-            # output for the patch tokens would be thrown away (~7% of a 12-layer ViT's FLOPs).
-            n_queries = 1 if cls_only and i == last else None
-            x = layer(x, n_queries)
-        return self.layernorm(x)
+        layers = list(self.encoder.layer)
+        for layer in layers[:-1] if cls_only else layers:
+            x = layer(x)
+        return self.layernorm(self._last_layer_cls_only(x) if cls_only and layers else x)
+
+    def _last_layer_cls_only(self, x):  # (n, L, D) -> (n, 1, D)
+        # Fast path (bench.py vit_ratio): the patch tokens' attention output and MLP of the last layer
+        # would be thrown away; computing CLS's alone saves ~7% of a 12-layer ViT's FLOPs.
+        return self.encoder.layer[-1](x, n_queries=1)
 
     def forward(self, pixel_values, all_tokens: bool = False, chunk_size: int | None = None):
         """(N, 3, H, W) -> (N, D) CLS after the final layernorm, or (N, 1 + R + h*w, D) with all_tokens."""
@@ -343,18 +211,11 @@ class ViT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str, dtype=torch.float32, device="cpu", **kwargs) -> "ViT":
-        """A DINOv2 folder (config.json + safetensors) as Dinov2Model.save_pretrained writes it.
-
-        Keys may carry the `dinov2.` prefix (Dinov2ForImageClassification); the head is then ignored.
-        """
-        config = ViTConfig.from_hf(_read_config(folder))
+        """A DINOv2 folder, as Dinov2Model.save_pretrained writes it (or a model with a head, ignored)."""
+        config = ViTConfig(**hf.vit_config_fields(hf.read_config(folder)[0]))
         with torch.device(device):
             model = cls(config, **kwargs).to(dtype)
-        tensors, source, where = _read_checkpoint(folder, keep=lambda k: True)
-        if any(k.startswith("dinov2.") for k in tensors):  # a model with a head: keep the backbone only
-            tensors = {k.removeprefix("dinov2."): v for k, v in tensors.items() if k.startswith("dinov2.")}
-            source = {k.removeprefix("dinov2."): v for k, v in source.items() if k.startswith("dinov2.")}
-        _load_strict(model, tensors, source, where)
+        hf.load_dinov2(model, folder)
         return model.to(device)
 
 
@@ -386,61 +247,39 @@ class HierarchicalConfig:
                              f"got step={self.step}, window={self.window}")
 
 
-def _rope(n: int, head_dim: int, theta: float, device):  # -> cos, sin (n, head_dim) fp32
-    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    freqs = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv)  # (n, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (n, hd): rotate_half layout
-    return emb.cos(), emb.sin()
+def _rope(n: int, head_dim: int, theta: float, device):  # -> cos, sin (n, head_dim) fp32: the LLM's tables
+    return rope_tables(n, 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
 
 
 def _apply_rope(x, cos, sin):  # x (B, h, n, hd), cos/sin (n, hd): the LLM's rotation, in fp32
     return apply_rope(x.float(), cos[None], sin[None]).to(x.dtype)
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float):
+class Block(nn.Module):  # pre-norm transformer block
+    def __init__(self, config: HierarchicalConfig):
         super().__init__()
-        if dim % heads or (dim // heads) % 2:
-            raise ValueError(f"hierarchical encoder: dim {dim} must split into {heads} heads of even size")
-        self.heads, self.dropout = heads, dropout
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
-        self.o_proj = nn.Linear(dim, dim)
+        D, self.heads, self.dropout = config.dim, config.heads, config.dropout
+        if D % self.heads or (D // self.heads) % 2:
+            raise ValueError(f"hierarchical encoder: dim {D} must split into {self.heads} heads of even size")
+        self.norm1 = nn.LayerNorm(D, eps=config.norm_eps)
+        self.attn = nn.ModuleDict({name: nn.Linear(D, D) for name in ("q_proj", "k_proj", "v_proj", "o_proj")})
+        self.norm2 = nn.LayerNorm(D, eps=config.norm_eps)
+        hidden = int(D * config.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, D))
+        self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x, mask, rope=None):  # x (B, n, D), mask (B, 1, n, n) bool True = attend
-        B, n, D = x.shape
-        q, k, v = (proj(x).view(B, n, self.heads, D // self.heads).transpose(1, 2)  # (B, h, n, hd)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        if rope is not None:
-            q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.o_proj(y.transpose(1, 2).reshape(B, n, D))  # (B, n, D)
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block."""
-
-    def __init__(self, cfg: HierarchicalConfig):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attn = SelfAttention(cfg.dim, cfg.heads, cfg.dropout)
-        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        hidden = int(cfg.dim * cfg.mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(), nn.Linear(hidden, cfg.dim))
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x, mask, rope=None):
-        x = x + self.drop(self.attn(self.norm1(x), mask, rope))
+        dropout = self.dropout if self.training else 0.0
+        x = x + self.drop(_self_attention(self.norm1(x), self.attn.values(), self.heads, mask, rope, dropout))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: HierarchicalConfig, n_layers: int):
+    def __init__(self, config: HierarchicalConfig, n_layers: int):
         super().__init__()
-        self.rope, self.theta = cfg.rope, cfg.rope_theta
-        self.head_dim = cfg.dim // cfg.heads
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(n_layers))
-        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.rope, self.theta, self.head_dim = config.rope, config.rope_theta, config.dim // config.heads
+        self.layers = nn.ModuleList(Block(config) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
 
     def forward(self, x, mask):  # x (B, n, D), mask (B, 1, n, n) -> (B, n, D), and what entered the last layer
         rope = _rope(x.shape[1], self.head_dim, self.theta, x.device) if self.rope else None
@@ -452,40 +291,34 @@ class Transformer(nn.Module):
 
 
 def local_attention_mask(frame_mask, window: int):  # (B, T) -> (B, 1, T, T) bool
-    """Frame i attends to valid frames j with |i - j| <= window, and always to itself: a padded
-    frame then still has one key, so SDPA never sees an empty row (which gives NaN)."""
-    T = frame_mask.shape[1]
-    idx = torch.arange(T, device=frame_mask.device)
+    """Frame i attends to valid frames j, |i - j| <= window, and to itself (SDPA gives NaN for a keyless row)."""
+    idx = torch.arange(frame_mask.shape[1], device=frame_mask.device)
     band = (idx[:, None] - idx[None, :]).abs() <= window  # (T, T)
-    eye = idx[:, None] == idx[None, :]
-    return ((band & frame_mask[:, None, :]) | eye)[:, None]  # (B, 1, T, T)
+    return ((band & frame_mask[:, None, :]) | (idx[:, None] == idx[None, :]))[:, None]  # (B, 1, T, T)
 
 
 class HierarchicalEncoder(nn.Module):
-    """(frame_features (B, T, D_in), frame_mask (B, T) True = valid, right-padded)
-    -> word_features (B, N, D) with N = ceil(T/step), word_mask (B, N), sentence_embedding (B, D),
-    sentence_features (B, N, D): the full-attention transformer's penultimate layer at the word
-    positions (Tab. 8 row 1's "sentence-level features": each sees the whole clip)."""
+    """(frame_features (B, T, D_in), frame_mask (B, T) True = valid, right-padded) -> word_features
+    (B, N = ceil(T/step), D), word_mask (B, N), sentence_embedding (B, D), sentence_features (B, N, D):
+    the full-attention transformer's penultimate layer at the word positions (Tab. 8 row 1)."""
 
-    def __init__(self, cfg: HierarchicalConfig):
+    def __init__(self, config: HierarchicalConfig):
         super().__init__()
-        self.cfg = cfg
-        self.input_proj = nn.Linear(cfg.input_dim, cfg.dim)
-        self.use_local = cfg.use_local and cfg.local_layers > 0
-        self.local = Transformer(cfg, cfg.local_layers) if self.use_local else None
-        self.query = nn.Parameter(torch.randn(1, 1, cfg.dim) * 0.02)
-        self.full = Transformer(cfg, cfg.full_layers)
+        self.config = config
+        self.input_proj = nn.Linear(config.input_dim, config.dim)
+        self.use_local = config.use_local and config.local_layers > 0
+        self.local = Transformer(config, config.local_layers) if self.use_local else None
+        self.query = nn.Parameter(torch.randn(1, 1, config.dim) * 0.02)
+        self.full = Transformer(config, config.full_layers)
 
     def forward(self, frame_features, frame_mask=None):
         B, T, _ = frame_features.shape
-        if frame_mask is None:
-            frame_mask = torch.ones(B, T, dtype=torch.bool, device=frame_features.device)
-        frame_mask = frame_mask.bool()
+        frame_mask = frame_features.new_ones(B, T, dtype=torch.bool) if frame_mask is None else frame_mask.bool()
         x = self.input_proj(frame_features)  # (B, T, D)
         if self.use_local:
-            x = self.local(x, local_attention_mask(frame_mask, self.cfg.window))[0]  # (B, T, D)
-        words = x[:, ::self.cfg.step]  # (B, ceil(T/step), D): frames 0, step, 2*step, ...
-        word_mask = frame_mask[:, ::self.cfg.step]  # (B, N)
+            x = self.local(x, local_attention_mask(frame_mask, self.config.window))[0]  # (B, T, D)
+        step = self.config.step  # words: frames 0, step, 2 * step ...: (B, N = ceil(T / step), D)
+        words, word_mask = x[:, ::step], frame_mask[:, ::step]
         h = torch.cat([self.query.expand(B, -1, -1).to(words.dtype), words], dim=1)  # (B, 1+N, D)
         keys = torch.cat([word_mask.new_ones(B, 1), word_mask], dim=1)  # (B, 1+N): the query is always a key
         h, before_last = self.full(h, keys[:, None, None, :])  # (B, 1+N, D) each
@@ -511,80 +344,44 @@ class TextEncoderConfig:
     layer_norm_eps: float = 1e-5
     pool: str = "lang_code"  # or "mean": masked mean of the final states (tiny from-scratch encoders)
 
-    @classmethod
-    def from_hf(cls, d: dict, pool: str | None = None) -> "TextEncoderConfig":
-        pool = pool or d.get("pool", "lang_code")
-        if pool not in ("lang_code", "mean"):
-            raise ValueError(f"text encoder pool must be 'lang_code' or 'mean', got {pool!r}")
-        return cls(vocab_size=d["vocab_size"], d_model=d["d_model"], encoder_layers=d["encoder_layers"],
-                   encoder_attention_heads=d["encoder_attention_heads"], encoder_ffn_dim=d["encoder_ffn_dim"],
-                   max_position_embeddings=d["max_position_embeddings"],
-                   activation_function=d.get("activation_function", "gelu"),
-                   scale_embedding=d.get("scale_embedding", False), pad_token_id=d.get("pad_token_id", 1),
-                   pool=pool)
-
-    def to_hf(self) -> dict:
-        return {"model_type": "mbart", "architectures": ["MBartModel"], "vocab_size": self.vocab_size,
-                "d_model": self.d_model, "encoder_layers": self.encoder_layers,
-                "encoder_attention_heads": self.encoder_attention_heads, "encoder_ffn_dim": self.encoder_ffn_dim,
-                "max_position_embeddings": self.max_position_embeddings,
-                "activation_function": self.activation_function, "scale_embedding": self.scale_embedding,
-                "pad_token_id": self.pad_token_id, "pool": self.pool}
-
-
-class MBartSelfAttention(nn.Module):
-    def __init__(self, cfg: TextEncoderConfig):
-        super().__init__()
-        D = cfg.d_model
-        self.heads = cfg.encoder_attention_heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(D, D) for _ in range(4))
-
-    def forward(self, x, mask):  # x (B, T, D), mask (B, 1, 1, T) bool
-        B, T, D = x.shape
-        q, k, v = (proj(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)  # (B, h, T, hd)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
-
 
 class MBartEncoderLayer(nn.Module):
-    def __init__(self, cfg: TextEncoderConfig):
+    def __init__(self, config: TextEncoderConfig):
         super().__init__()
-        self.self_attn = MBartSelfAttention(cfg)
-        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.fc1 = nn.Linear(cfg.d_model, cfg.encoder_ffn_dim)
-        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, cfg.d_model)
-        self.final_layer_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.act = _activation(cfg.activation_function)
+        D, self.heads = config.d_model, config.encoder_attention_heads
+        self.self_attn = nn.ModuleDict({name: nn.Linear(D, D) for name in ("q_proj", "k_proj", "v_proj", "out_proj")})
+        self.self_attn_layer_norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
+        self.fc1 = nn.Linear(D, config.encoder_ffn_dim)
+        self.fc2 = nn.Linear(config.encoder_ffn_dim, D)
+        self.final_layer_norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
+        self.act = _activation(config.activation_function)
 
-    def forward(self, x, mask):
-        x = x + self.self_attn(self.self_attn_layer_norm(x), mask)
+    def forward(self, x, mask):  # x (B, T, D), mask (B, 1, 1, T) bool
+        x = x + _self_attention(self.self_attn_layer_norm(x), self.self_attn.values(), self.heads, mask)
         return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
 
 
-def _right_pad(rows, pad_id: int) -> tuple:
-    """Token id lists -> input_ids (B, T) right-padded with pad_id, attention_mask (B, T)."""
-    T = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), T, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        input_ids[i, :len(r)] = torch.tensor(r)
-        attention_mask[i, :len(r)] = True
-    return input_ids, attention_mask
+def _tokenize(texts, encode, pad_id: int) -> tuple:
+    """A text or a list of texts -> (input_ids, attention_mask) (B, T): encode(text), right-padded with pad_id."""
+    texts = [texts] if isinstance(texts, str) else texts
+    if not texts:
+        raise ValueError("text encoder: no texts to tokenize")
+    for i, text in enumerate(texts):
+        if not text or not text.strip():
+            raise ValueError(f"text encoder: text {i} is empty")
+    rows = [torch.tensor(encode(text), dtype=torch.long) for text in texts]
+    input_ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id)  # (B, T)
+    return input_ids, torch.arange(input_ids.shape[1])[None] < torch.tensor([len(r) for r in rows])[:, None]
 
 
 class TextEncoder(nn.Module):
-    """mBART encoder: enc(input_ids (B, T), attention_mask (B, T)) -> states (B, T, D).
-
-    Names are the checkpoint's minus the `model.encoder.` prefix (embed_tokens, embed_positions,
-    layernorm_embedding, layers.{i}.*, layer_norm). Frozen in VCP.
-    """
+    """mBART encoder: enc(input_ids (B, T), attention_mask (B, T)) -> states (B, T, D). Names are
+    the checkpoint's minus `model.encoder.`. Frozen in VCP."""
 
     def __init__(self, config: TextEncoderConfig, tokenizer=None, path: str = ""):
         super().__init__()
-        self.config = config
-        self.tokenizer = tokenizer  # tokenizers.Tokenizer or None
-        self.path = path  # the folder it came from, recorded in the VCP config
+        # tokenizer: a tokenizers.Tokenizer or None; path: the folder it came from, recorded in the VCP config
+        self.config, self.tokenizer, self.path = config, tokenizer, path
         D = config.d_model
         self.embed_scale = math.sqrt(D) if config.scale_embedding else 1.0
         self.embed_tokens = nn.Embedding(config.vocab_size, D, padding_idx=config.pad_token_id)
@@ -601,14 +398,13 @@ class TextEncoder(nn.Module):
             self.embed_tokens.weight[config.pad_token_id].zero_()
 
     def forward(self, input_ids, attention_mask=None):  # (B, T) -> (B, T, D)
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         if T > self.config.max_position_embeddings:
             raise ValueError(f"text encoder: {T} tokens, at most {self.config.max_position_embeddings}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         x = self.embed_tokens(input_ids) * self.embed_scale  # (B, T, D)
-        x = x + self.embed_positions(torch.arange(T, device=input_ids.device) + 2)
-        x = self.layernorm_embedding(x)
+        x = self.layernorm_embedding(x + self.embed_positions(torch.arange(T, device=input_ids.device) + 2))
         mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): padding is never a key
         for layer in self.layers:
             x = layer(x, mask)
@@ -628,74 +424,34 @@ class TextEncoder(nn.Module):
         """texts -> (input_ids, attention_mask) (B, T), each `tokens </s> lang`, right-padded."""
         if self.tokenizer is None:
             raise ValueError("text encoder has no tokenizer (its folder had no tokenizer.json)")
-        tok = self.tokenizer
-        eos, code = tok.token_to_id("</s>"), tok.token_to_id(lang)
+        eos, code = self.tokenizer.token_to_id("</s>"), self.tokenizer.token_to_id(lang)
         if eos is None:
             raise ValueError(f"{self.path or 'tokenizer'}: no </s> token; not an mBART tokenizer")
         if code is None:
             raise ValueError(f"{self.path or 'tokenizer'}: no language code {lang!r}; "
                              "mBART codes look like de_DE, zh_CN")
-        if isinstance(texts, str):
-            texts = [texts]
-        if not texts:
-            raise ValueError("text encoder: no texts to tokenize")
-        max_length = max_length or self.config.max_position_embeddings
-        rows = []
-        for i, text in enumerate(texts):
-            if not text or not text.strip():
-                raise ValueError(f"text encoder: text {i} is empty")
-            ids = tok.encode(text, add_special_tokens=False).ids[:max_length - 2]
-            rows.append(ids + [eos, code])
-        return _right_pad(rows, self.config.pad_token_id)
+        n = (max_length or self.config.max_position_embeddings) - 2
+        return _tokenize(texts, lambda t: self.tokenizer.encode(t, add_special_tokens=False).ids[:n] + [eos, code],
+                         self.config.pad_token_id)
 
     @classmethod
-    def from_pretrained(cls, folder: str, dtype=torch.float32, device="cpu",
-                        pool: str | None = None) -> "TextEncoder":
+    def from_pretrained(cls, folder: str, dtype=torch.float32, device="cpu", pool: str | None = None) -> "TextEncoder":
         """An mBART folder (mbart-large-cc25 / -50, or MBartModel.save_pretrained); decoder ignored."""
-        config = TextEncoderConfig.from_hf(_read_config(folder), pool)
-        tokenizer = None
-        tok_path = os.path.join(folder, "tokenizer.json")
-        if os.path.isfile(tok_path):
-            from tokenizers import Tokenizer
-            tokenizer = Tokenizer.from_file(tok_path)
-            tokenizer.no_padding()  # tokenize() pads and truncates itself
-            tokenizer.no_truncation()
+        config = TextEncoderConfig(**hf.text_encoder_config_fields(hf.read_config(folder)[0], pool))
+        tokenizer = hf.read_tokenizer(folder)
         with torch.device(device):
             model = cls(config, tokenizer, path=folder).to(dtype)
-
-        def name(k):  # checkpoint key -> our key, or None when it is not the encoder's
-            k = k.removeprefix("model.")
-            if k == "shared.weight":
-                return "shared"
-            return k.removeprefix("encoder.") if k.startswith("encoder.") else None
-
-        raw, source, where = _read_checkpoint(folder, keep=lambda k: name(k) is not None)
-        tensors = {name(k): v for k, v in raw.items()}
-        source = {name(k): v for k, v in source.items()}
-        # encoder.embed_tokens is tied to shared; a checkpoint may hold either or both
-        shared = tensors.pop("shared", None)
-        if "embed_tokens.weight" not in tensors and shared is not None:
-            tensors["embed_tokens.weight"], source["embed_tokens.weight"] = shared, source["shared"]
-        _load_strict(model, tensors, source, where)
+        hf.load_mbart_encoder(model, folder)
         return model.eval()
 
     def save_pretrained(self, folder: str):
         """config.json + model.safetensors (encoder.*, shared.weight) + tokenizer.json; from_pretrained reads it."""
-        from safetensors.torch import save_file
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(self.config.to_hf(), f, indent=2)
-        sd = {f"encoder.{k}": v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        sd["shared.weight"] = sd.pop("encoder.embed_tokens.weight")
-        save_file(sd, os.path.join(folder, "model.safetensors"))
-        if self.tokenizer is not None:
-            self.tokenizer.save(os.path.join(folder, "tokenizer.json"))
+        hf.save_mbart_encoder(self, folder)
 
 
 class LLMTextEncoder(nn.Module):
-    """Tab. 7 row 6: a decoder LLM (Qwen-2.5-0.5B in the paper) as VCP's frozen text supervisor.
-    The sentence embedding is the mean of its last hidden states over the sentence's tokens.
-    The interface is TextEncoder's (tokenize, sentence_embedding, config.d_model, path)."""
+    """Tab. 7 row 6: a decoder LLM (Qwen-2.5-0.5B in the paper) as VCP's frozen text supervisor, with
+    TextEncoder's interface; the sentence embedding is the mean of its last hidden states."""
 
     def __init__(self, llm: LLM, tokenizer: Tokenizer, path: str = ""):
         super().__init__()
@@ -705,14 +461,8 @@ class LLMTextEncoder(nn.Module):
 
     def tokenize(self, texts, lang: str = "", max_length: int | None = None):
         """texts -> (input_ids, attention_mask) (B, T), right-padded; `lang` is unused (no codes)."""
-        if isinstance(texts, str):
-            texts = [texts]
-        rows = []
-        for i, text in enumerate(texts):
-            if not text or not text.strip():
-                raise ValueError(f"text encoder: text {i} is empty")
-            rows.append(self.tokenizer.encode(text)[:max_length or self.config.max_position_embeddings])
-        return _right_pad(rows, self.config.pad_token_id)
+        n = max_length or self.config.max_position_embeddings
+        return _tokenize(texts, lambda text: self.tokenizer.encode(text)[:n], self.config.pad_token_id)
 
     def sentence_embedding(self, input_ids, attention_mask):  # (B, T) -> (B, D)
         states = self.llm(input_ids, attention_mask=attention_mask, hidden_states=True)  # (B, T, D)
@@ -727,8 +477,7 @@ class LLMTextEncoder(nn.Module):
 
 def load_text_encoder(folder: str, dtype=torch.float32, device="cpu"):
     """VCP's frozen text supervisor from a folder: mBART (the paper) or a Qwen2/Llama LLM (Tab. 7 row 6)."""
-    kind = _read_config(checkpoint_folder(folder)).get("model_type")
-    if kind in ("qwen2", "llama"):
+    if hf.read_config(hf.checkpoint_folder(folder))[0].get("model_type") in ("qwen2", "llama"):
         return LLMTextEncoder.from_pretrained(folder, dtype=dtype, device=device)
     return TextEncoder.from_pretrained(folder, dtype=dtype, device=device)
 
@@ -772,38 +521,24 @@ class VCPConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "VCPConfig":
-        def build(klass, values, prefix):
-            known = {f.name for f in fields(klass)}
-            for k in values:
-                if k not in known:
-                    raise ValueError(f"{where}: unknown key {prefix}{k}; valid: {sorted(known)}")
-            return klass(**values)
-        d = dict(d)
-        d["vit"] = build(ViTConfig, d.get("vit", {}), "vit.")
-        d["hier"] = build(HierarchicalConfig, d.get("hier", {}), "hier.")
-        return build(cls, d, "")
+        """A saved config.json's dict; an unknown key is an error naming `where`."""
+        return hf.dataclass_from_dict(cls, d, where, vit=ViTConfig, hier=HierarchicalConfig)
 
 
 class VCPModel(nn.Module):
     def __init__(self, cfg: VCPConfig, text_encoder: TextEncoder | None = None):
         super().__init__()
-        if cfg.vit_path:
-            self.vit = ViT.from_pretrained(cfg.vit_path, chunk_size=cfg.vit_chunk_size,
-                                           grad_checkpointing=cfg.grad_checkpointing)
-            cfg = replace(cfg, vit=self.vit.config)
-        else:
-            self.vit = ViT(cfg.vit, chunk_size=cfg.vit_chunk_size, grad_checkpointing=cfg.grad_checkpointing)
+        vit_kwargs = dict(chunk_size=cfg.vit_chunk_size, grad_checkpointing=cfg.grad_checkpointing)
+        self.vit = ViT.from_pretrained(cfg.vit_path, **vit_kwargs) if cfg.vit_path else ViT(cfg.vit, **vit_kwargs)
+        cfg = replace(cfg, vit=self.vit.config)  # a DINOv2 folder's config replaces cfg.vit
         if cfg.vit_tuning in ("lora", "frozen"):
             self.vit.requires_grad_(False)
-        if self.vit.embeddings.mask_token is not None:
-            # used only by DINOv2's masked-image pretraining: a trainable parameter that never
-            # gets a gradient would stop DDP (unused parameters)
+        if self.vit.embeddings.mask_token is not None:  # a parameter never given a gradient stops DDP
             self.vit.embeddings.mask_token.requires_grad_(False)
         if cfg.vit_tuning == "lora":
             self.vit.add_lora(cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
-        D = cfg.vit.hidden_size
-        if cfg.frame_pool == "flat":
-            grid = cfg.image_size // cfg.vit.patch_size
+        D, grid = cfg.vit.hidden_size, cfg.image_size // cfg.vit.patch_size
+        if cfg.frame_pool == "flat":  # every patch token of a frame, concatenated and projected
             self.frame_proj = nn.Linear(grid * grid * D, D)
         # the hierarchical encoder reads frame features, whose width is the ViT's
         cfg = replace(cfg, hier=replace(cfg.hier, input_dim=D))
@@ -816,8 +551,7 @@ class VCPModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
         self.text_encoder = text_encoder
         if text_encoder is not None:
-            text_encoder.requires_grad_(False)
-            text_encoder.eval()
+            text_encoder.requires_grad_(False).eval()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -837,9 +571,7 @@ class VCPModel(nn.Module):
     def encode_video(self, frames, frame_mask=None) -> dict:
         """frames (B, T, 3, H, W) normalised, frame_mask (B, T) True = valid (right-padded)."""
         B, T = frames.shape[:2]
-        if frame_mask is None:
-            frame_mask = torch.ones(B, T, dtype=torch.bool, device=frames.device)
-        frame_mask = frame_mask.bool()
+        frame_mask = frames.new_ones(B, T, dtype=torch.bool) if frame_mask is None else frame_mask.bool()
         feats = self.frame_features(frames[frame_mask])  # (N_valid, D): padding never enters the ViT
         frame_features = feats.new_zeros(B, T, feats.shape[-1])
         frame_features = frame_features.masked_scatter(frame_mask[..., None], feats)  # (B, T, D), zeros at padding
@@ -849,8 +581,7 @@ class VCPModel(nn.Module):
                     video_emb=self.video_proj(sentence))
 
     def encode_text(self, text_ids=None, text_mask=None, text_sentence=None):  # -> (B, clip_dim)
-        """Token ids through the frozen text encoder, or its sentence embeddings (B, text_dim)
-        computed beforehand: the teacher is frozen, so the VCP script encodes every sentence once."""
+        """Token ids through the frozen text encoder, or its sentence embeddings (B, text_dim) computed once."""
         if text_sentence is None:
             if self.text_encoder is None:
                 raise ValueError("VCPModel has no text encoder; pass one, or load with with_text_encoder=True")
@@ -869,36 +600,21 @@ class VCPModel(nn.Module):
         return self.logit_scale.clamp(max=math.log(self.cfg.logit_scale_max)).exp()
 
     def save(self, folder: str):
-        """config.json (every sub-config, the text encoder folder) + model.safetensors (all but the text encoder)."""
-        from safetensors.torch import save_file
-        os.makedirs(folder, exist_ok=True)
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
-              if not k.startswith("text_encoder.")}
-        save_file(sd, os.path.join(folder, "model.safetensors"))
-        d = asdict(self.cfg)
-        d["lora_targets"] = list(self.cfg.lora_targets)
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(d, f, indent=2)
+        """config.json (every sub-config, the text encoder's folder) + model.safetensors (all but the text encoder)."""
+        hf.save_vcp(self, folder)
 
     @classmethod
     def load(cls, folder: str, with_text_encoder: bool = False, dtype=torch.float32, device="cpu") -> "VCPModel":
-        folder = checkpoint_folder(folder)  # a save cut by a kill: its last whole checkpoint
-        cfg_path = os.path.join(folder, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"{cfg_path}: not found; a VCP folder holds config.json and model.safetensors")
-        cfg = VCPConfig.from_dict(read_json(cfg_path), where=cfg_path)
+        folder, config, path = hf.read_vcp_config(folder)
+        cfg = VCPConfig.from_dict(config, where=path)
         text_encoder = None
         if with_text_encoder:
             if not cfg.text_encoder_path:
-                raise ValueError(f"{cfg_path}: text_encoder_path is empty; "
-                                 "this model was saved without a text encoder")
-            # a relative path is relative to this folder (train_vcp.py writes it so)
-            path = os.path.join(folder, cfg.text_encoder_path)
-            text_encoder = load_text_encoder(path, dtype=dtype, device=device)
-        # the ViT weights are in model.safetensors: do not read vit_path again
-        with torch.device(device):
+                raise ValueError(f"{path}: text_encoder_path is empty; this model was saved without a text encoder")
+            # relative to this folder (train_vcp.py writes it so)
+            text_encoder = load_text_encoder(os.path.join(folder, cfg.text_encoder_path), dtype=dtype, device=device)
+        with torch.device(device):  # the ViT weights are in model.safetensors: vit_path is not read again
             model = cls(replace(cfg, vit_path=""), text_encoder).to(dtype)
         model.cfg = replace(model.cfg, vit_path=cfg.vit_path, text_encoder_path=cfg.text_encoder_path)
-        tensors, source, where = _read_checkpoint(folder, keep=lambda k: True)
-        _load_strict(model, tensors, source, where, skip=lambda k: k.startswith("text_encoder."))
+        hf.load_strict(model, *hf.read_weights(folder), skip=lambda k: k.startswith("text_encoder."))
         return model
