@@ -38,9 +38,9 @@ Figures (JSON keys):
   cuda_*                 (CUDA only) VCP / VLT training MFU in bf16, eval clips/s, and the peak memory of
                          one VCP step at the README's size (cuda_vcp_peak, beside the start-up estimate)
 
-The VLT figure uses train_vlt.py's own cache and datasets (build_cache, CachedVLTDataset,
-VideoVLTDataset), so it measures the code that trains; it is the one place a script imports
-another. Performance is measured here, never asserted in tests.
+The VLT figure uses the code that trains (feature_cache.py's build_cache and CachedVLTDataset,
+train_vlt.py's VideoVLTDataset). train_vcp.py prints `activation_line` (below) at start-up.
+Performance is measured here, never asserted in tests.
 """
 
 import argparse
@@ -240,17 +240,34 @@ def _demo_models(data: str, device):
     return tok, model
 
 
+def _vlt_loaders(rows, features, tok, system, vc, batch_size) -> tuple:
+    """The connector stage's batches both ways: cached word features, and the videos decoded
+    for the encoder (its config `vc`) to run on every step."""
+    from data import ClipDataset, VideoTransform
+    from feature_cache import CachedVLTDataset, collate_cached
+    from train_vlt import VideoVLTDataset, collate_video
+    cached = torch.utils.data.DataLoader(CachedVLTDataset(rows, features, tok, system), batch_size=batch_size,
+                                         shuffle=True, collate_fn=lambda items: collate_cached(items, tok.pad_token_id))
+    clips = ClipDataset(rows, VideoTransform(vc.image_size, vc.resize, train=False), max_frames=vc.max_frames,
+                        stride=vc.stride, train=False)
+    videos = VideoVLTDataset(clips, tok, system, lambda T: math.ceil(T / vc.hier.step))
+    uncached = torch.utils.data.DataLoader(videos, batch_size=batch_size, shuffle=True,
+                                           collate_fn=lambda items: collate_video(items, tok.pad_token_id))
+    return cached, uncached
+
+
 def bench_vlt_cache(tmp: str, device, quick: bool) -> dict:
-    """One connector-stage epoch (data + forward + backward + AdamW step) on train_vlt.py's
+    """One connector-stage epoch (data + forward + backward + AdamW step) on feature_cache.py's
     cached word features, against one that decodes the videos and runs the frozen visual
     encoder every step (what training without the cache would do). The one-off cache build
     is timed on its own."""
-    from data import ClipDataset, VideoTransform, chat_prefix_ids, load_rows, system_prompt
+    from data import chat_prefix_ids, load_rows, system_prompt
     from synth import synthesize
     from losses import lm_loss
     from model import PrefixCache
-    from training import Dist, make_optimizer
-    from train_vlt import CachedVLTDataset, VideoVLTDataset, build_cache, collate_cached, collate_video
+    from feature_cache import build_cache
+    from cli import Dist
+    from training import make_optimizer
     n_train, batch_size = (64, 32) if quick else (256, 64)
     data = os.path.join(tmp, "synth")
     t0 = time.perf_counter()
@@ -268,13 +285,7 @@ def bench_vlt_cache(tmp: str, device, quick: bool) -> dict:
     features = build_cache(os.path.join(tmp, "vlt_cache", "train-word.safetensors"), model, rows, dist,
                            batch_size, 0, key="bench")
     cache_s = time.perf_counter() - t0
-    cached = torch.utils.data.DataLoader(CachedVLTDataset(rows, features, tok, system), batch_size=batch_size,
-                                         shuffle=True, collate_fn=lambda items: collate_cached(items, tok.pad_token_id))
-    clips = ClipDataset(rows, VideoTransform(vc.image_size, vc.resize, train=False), max_frames=vc.max_frames,
-                        stride=vc.stride, train=False)
-    videos = VideoVLTDataset(clips, tok, system, lambda T: math.ceil(T / vc.hier.step))
-    uncached = torch.utils.data.DataLoader(videos, batch_size=batch_size, shuffle=True,
-                                           collate_fn=lambda items: collate_video(items, tok.pad_token_id))
+    cached, uncached = _vlt_loaders(rows, features, tok, system, vc, batch_size)
 
     parts = {}  # seconds per part of each path, summed over the timed epochs
 
@@ -389,21 +400,74 @@ def bench_loader(tmp: str, quick: bool) -> dict:
             "shape": "336 px VCP train transform; png 210x260 (Phoenix), jpeg 512x512 (CSL-Daily)"}
 
 
+# ----------------------------------------------------------------------------- activation memory (also train_vcp's)
+
+def kept_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass while `fn()` runs (each storage
+    once, parameters excluded): the activation memory of a forward, on any device."""
+    seen = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def activation_estimate(model, frames_per_batch: int, device, precision: str) -> dict:
+    """The activation memory of one micro-batch of a VCPModel where it is large (section 3.2: the ViT at
+    336 px), measured on one frame: the frames themselves (fp32) and what the ViT keeps for the
+    backward pass per frame, times the batch's frames, plus, with grad_checkpointing, the
+    recompute of one chunk (--vit_chunk_size frames). The hierarchical encoder's share is
+    small beside it (its tokens are the frames' CLS features, not their patches)."""
+    from training import autocast
+    vit, size = model.vit, model.cfg.image_size
+    x = torch.zeros(2, 3, size, size, device=device)
+    was_training, ckpt = vit.training, vit.grad_checkpointing
+    vit.train()
+    try:
+        with autocast(torch.device(device), precision):
+            vit.grad_checkpointing = False
+            full = (kept_bytes(lambda: vit(x)) - kept_bytes(lambda: vit(x[:1]))) or 1  # per frame: the slope
+            vit.grad_checkpointing = ckpt
+            per_frame = kept_bytes(lambda: vit(x)) - kept_bytes(lambda: vit(x[:1])) if ckpt else full
+    finally:
+        vit.grad_checkpointing = ckpt
+        vit.train(was_training)
+    peak = full * min(vit.chunk_size or frames_per_batch, frames_per_batch) if ckpt else 0
+    pixels = 3 * size * size * 4  # one fp32 frame of the batch
+    return {"mib_per_frame": per_frame / 2**20, "full_mib_per_frame": full / 2**20,
+            "gib": ((per_frame + pixels) * frames_per_batch + peak) / 2**30}
+
+
+def activation_line(model, config, device) -> str:
+    """train_vcp.py's start-up line: the estimate for its longest micro-batch, every clip at
+    --max_frames (the VCPModel already on `device`; config: a VCPTrainConfig)."""
+    from training import resolve_precision
+    est = activation_estimate(model, config.batch_size * config.max_frames, device,
+                              resolve_precision(config.precision, device))
+    return (f"activation memory estimate (ViT): {est['gib']:.1f} GiB per process for the longest micro-batch "
+            f"({config.batch_size} clips x {config.max_frames} frames; {est['mib_per_frame']:.3g} MiB kept per "
+            "frame beside its pixels"
+            + (f", plus the recompute of {config.vit_chunk_size} frames)" if config.grad_checkpointing else ")"))
+
+
 def bench_vcp_memory(quick: bool) -> dict:
     """MiB kept for the backward pass per frame by the ViT-B/14 at 336 px with LoRA under bf16
     autocast (the paper's VCP), measured by counting the tensors autograd saves (any device):
     with grad_checkpointing (a chunk is recomputed in the backward pass) and without. And the
     README's VCP command (batch 16 x 256 frames, chunks of 64) by train_vcp's start-up estimate."""
-    import train_vcp
     from vision import HierarchicalConfig, VCPConfig, VCPModel, ViTConfig
     size, layers = (224, 4) if quick else (336, 12)
     est = {}
     for ckpt in (True, False):
-        cfg = VCPConfig(vit=ViTConfig(hidden_size=768, num_hidden_layers=layers, num_attention_heads=12,
-                                      patch_size=14, image_size=size), vit_path="", image_size=size, resize=size,
-                        vit_tuning="lora", grad_checkpointing=ckpt, vit_chunk_size=64,
-                        hier=HierarchicalConfig(dim=768, heads=12))
-        est[ckpt] = train_vcp.activation_estimate(VCPModel(cfg, None), 16 * 256, "cpu", "bf16")
+        config = VCPConfig(vit=ViTConfig(hidden_size=768, num_hidden_layers=layers, num_attention_heads=12,
+                                         patch_size=14, image_size=size), vit_path="", image_size=size, resize=size,
+                           vit_tuning="lora", grad_checkpointing=ckpt, vit_chunk_size=64,
+                           hier=HierarchicalConfig(dim=768, heads=12))
+        est[ckpt] = activation_estimate(VCPModel(config, None), 16 * 256, "cpu", "bf16")
     return {"ours": est[True]["mib_per_frame"], "baseline": est[False]["mib_per_frame"],
             "ratio": est[True]["mib_per_frame"] / est[False]["mib_per_frame"],
             "readme_vcp_gib": est[True]["gib"], "readme_vcp_gib_without_checkpointing": est[False]["gib"],
@@ -609,7 +673,6 @@ def bench_vcp_peak(device, quick: bool) -> dict:
     """Peak GPU memory of one VCP step at the README's command's size: 16 clips x 256 frames of
     ViT-B/14 at 336 px, LoRA, grad_checkpointing with chunks of 64, bf16 autocast, AdamW; beside
     train_vcp's start-up estimate of the activations (quick: 2 clips x 32 frames)."""
-    import train_vcp
     from losses import clip_loss
     from training import make_optimizer
     from vision import VCPConfig, VCPModel, ViTConfig
@@ -617,7 +680,7 @@ def bench_vcp_peak(device, quick: bool) -> dict:
     torch.manual_seed(0)
     model = VCPModel(VCPConfig(vit=ViTConfig(image_size=336), image_size=336, resize=384, vit_tuning="lora",
                                grad_checkpointing=True, vit_chunk_size=64)).to(device).train()
-    estimate = train_vcp.activation_estimate(model, B * T, device, "bf16")["gib"]
+    estimate = activation_estimate(model, B * T, device, "bf16")["gib"]
     optimizer = make_optimizer(model, 2e-4, 1e-5)
     torch.cuda.reset_peak_memory_stats(device)
     frames = torch.randn(B, T, 3, 336, 336, device=device)
@@ -803,7 +866,7 @@ def print_table(results: dict, details: dict):
             print(f"{'  ' + row_name:<22} {_fmt(row['ours']):>14} {_fmt(row['baseline']):>14} {row['ratio']:>7.3f}")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--json", default="", help="also write the JSON here")
@@ -814,7 +877,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads; 0 (default): the cores other processes leave idle")
     p.add_argument("--_load_child", default="", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args._load_child:
         load_child(args._load_child)
         return 0

@@ -3,20 +3,29 @@ that tells a run's folders from a user's, and the resume state, all safetensors 
 
     check_out(out, stage, **inputs)   before any work: a folder this run may write (never a
                                       user's folder, another stage's output or an input)
+    start_run(out, stage, step)       the marker of a new run; metrics rows past a resume dropped
+    resume_run(out, optimizer, ...)   a run put back where its last checkpoint was
     save_checkpoint / load_checkpoint one folder: weights, config.json, marker, train_state/
     recover_checkpoint                finish what a kill during a save left
+    capture_train_state / restore_train_state
+                                      what an exact resume needs, in memory: trainable weights,
+                                      optimizer, GradScaler, every rank's RNG, the data position
 """
 
 import json
 import os
+import random
 import shutil
 import tempfile
 from typing import Callable, Optional
 
+import numpy as np
 import torch
+import torch.distributed as torch_dist
 from safetensors.torch import save_file
 
 from hf import RUN_MARKER, checkpoint_folder, is_ours, read_json, read_safetensors
+from model import copy_strict
 
 # A checkpoint is a folder: the stage's weights (`model.safetensors` or whatever the script's
 # writer puts there), `config.json`, `llava_slt_run.json` (the marker: which stage wrote the
@@ -272,3 +281,133 @@ def load_checkpoint(folder: str) -> dict:
     return {"tensors": read_safetensors(weights) if os.path.isfile(weights) else None,
             "config": read_json(config_path) if os.path.isfile(config_path) else None,
             "train_state": _read_train_state(ts) if os.path.isdir(ts) else None}
+
+
+def start_run(folder: str, stage: str, step: int):
+    """Rank 0, as a run starts at `step`: a new or empty folder is marked as this run's (from
+    the first metrics row on), and metrics rows past `step` (written after the checkpoint a
+    resume starts from) are dropped."""
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        os.makedirs(folder, exist_ok=True)
+        _write_json(os.path.join(folder, RUN_MARKER), {"stage": stage, "files": list(KEEP)})
+    path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:        # a line torn by a kill
+                continue
+            if row.get("step", 0) <= step:
+                rows.append(line if line.endswith("\n") else line + "\n")
+    with open(path, "w") as f:
+        f.writelines(rows)
+
+
+# ----------------------------------------------------------------------------- the resume state in memory
+
+def rng_state(device=None) -> dict:
+    """Every RNG a training step may draw from; torch states as tensors, the rest JSON-able."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    cuda = torch.device(device).type == "cuda" if device is not None else False
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if cuda else None,
+            "numpy": {"keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+            "python": [version, list(internal), gauss]}
+
+
+def set_rng_state(state: dict, device=None):
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and device is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    n = state["numpy"]
+    np.random.set_state(("MT19937", np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _trainable(model) -> dict:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def capture_train_state(step: int, optimizer, model, sampler_state: dict, dist, scaler=None,
+                        extra: Optional[dict] = None) -> dict:
+    """Everything a resume needs, in memory. Collective under DDP (every rank's RNG is gathered
+    to all), so every rank calls it; only rank 0 then writes it. dist: training.Dist."""
+    rng = rng_state(dist.device)
+    if dist.ddp:
+        every = [None] * dist.world_size
+        torch_dist.all_gather_object(every, {k: v.cpu() if torch.is_tensor(v) else v for k, v in rng.items()})
+        rng = every
+    else:
+        rng = [rng]
+    return {"step": step, "world_size": dist.world_size, "sampler": dict(sampler_state, world_size=dist.world_size),
+            "scaler": scaler.state_dict() if scaler is not None else None, "optimizer": optimizer.state_dict(),
+            "rng": rng, "trainable": {n: p.detach() for n, p in _trainable(model).items()},
+            "extra": extra or {}}
+
+
+def restore_train_state(state: dict, optimizer=None, model=None, sampler=None, scaler=None, dist=None) -> dict:
+    """Put a `load_checkpoint(...)["train_state"]` back: the trainable weights into `model`,
+    the optimizer, the GradScaler, this rank's RNG, the sampler's (epoch, position).
+    Returns {"step", "epoch", "position"} (the position converted if the world size changed).
+    dist: training.Dist (default: one process on the CPU)."""
+    rank, world_size, device = (dist.rank, dist.world_size, dist.device) if dist is not None else (0, 1, None)
+    path = state.get("path", TRAIN_STATE)
+    if model is not None:
+        copy_strict(_trainable(model), state["trainable"], os.path.join(path, "trainable.safetensors"))
+    if optimizer is not None:
+        _load_optimizer(optimizer, state["optimizer"], os.path.join(path, "optimizer.safetensors"))
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
+    if rank < len(state["rng"]):
+        set_rng_state(state["rng"][rank], device)
+    else:   # more ranks than when saved: a fresh but deterministic stream for the new ones
+        from training import seed_everything   # (training imports this file)
+        seed_everything(1_000_003 * state["step"] + rank)
+    epoch, position = state["sampler"]["epoch"], state["sampler"]["position"]
+    saved_world = state["sampler"].get("world_size", world_size)
+    if saved_world != world_size:     # the first position*saved_world samples of the epoch are done
+        position = position * saved_world // world_size
+    if sampler is not None:
+        sampler.set_epoch(epoch, min(position, sampler.num_samples))
+    return {"step": state["step"], "epoch": epoch, "position": position}
+
+
+def resume_run(folder: str, optimizer, model, scaler, dist, batches) -> Optional[tuple]:
+    """(step, best, bad_evals) of the run in `folder`, put back from its train_state/ (weights,
+    optimizer, GradScaler, RNG, the position of `batches`, validation's best so far); None
+    when there is none. dist: training.Dist."""
+    path = os.path.join(folder, TRAIN_STATE)
+    if not os.path.isdir(path):
+        dist.log(f"--resume: no checkpoint in {folder}, starting at step 0")
+        return None
+    state = _read_train_state(path)
+    where = restore_train_state(state, optimizer, model, scaler=scaler, dist=dist)   # sets the RNG last
+    batches.epoch, batches.position = where["epoch"], where["position"]
+    dist.log(f"resumed from {path} at step {where['step']} (epoch {batches.epoch}, sample {batches.position})")
+    return where["step"], state["extra"].get("best"), state["extra"].get("bad_evals", 0)
+
+
+def _load_optimizer(optimizer, saved: dict, where: str):
+    groups = optimizer.param_groups
+    if len(saved["param_groups"]) != len(groups):
+        raise ValueError(f"{where}: {len(saved['param_groups'])} parameter groups, the optimizer has {len(groups)}")
+    flat = [p for g in groups for p in g["params"]]
+    for i, (sg, g) in enumerate(zip(saved["param_groups"], groups)):
+        if len(sg["params"]) != len(g["params"]):
+            raise ValueError(f"{where}: group {i} holds {len(sg['params'])} parameters, "
+                             f"the optimizer's {len(g['params'])}")
+        if "param_names" in sg and "param_names" in g and sg["param_names"] != g["param_names"]:
+            a, b = next((a, b) for a, b in zip(sg["param_names"], g["param_names"]) if a != b)
+            raise ValueError(f"{where}: group {i} has {a} where the optimizer has {b}")
+    names = [n for g in groups for n in g.get("param_names", [None] * len(g["params"]))]
+    for idx, entries in saved["state"].items():
+        for k, v in entries.items():
+            if torch.is_tensor(v) and v.ndim > 0 and v.shape != flat[idx].shape:
+                raise ValueError(f"{where}: state.{idx}.{k} has shape {tuple(v.shape)}, "
+                                 f"parameter {idx} ({names[idx]}) has {tuple(flat[idx].shape)}")
+    optimizer.load_state_dict(saved)

@@ -6,6 +6,8 @@ It runs the same scripts with the same flags a GPU user runs (README), only with
     training), and prints BLEU/ROUGE for the untrained pipeline, the language prior alone
     (text-only: the trained LLM with no visual tokens) and the trained model.
 Everything goes under --out (default out/demo); results.json holds the table.
+
+Also the VCP teacher of a from-scratch run (train_vcp.py --text_from_llm): `text_encoder_from_llm`.
 """
 
 import json
@@ -16,7 +18,12 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from training import cli, parse_config
+import torch
+
+from cli import cli, parse_config
+from hf import checkpoint_folder, read_safetensors
+from tokenizer import Tokenizer
+from vision import TextEncoder, TextEncoderConfig
 
 PY = sys.executable
 
@@ -38,6 +45,33 @@ class DemoConfig:
     fresh: bool = False              # regenerate the data and retrain every stage
 
 
+def text_encoder_from_llm(folder: str, lang_codes) -> TextEncoder:
+    """A teacher for from-scratch demos: the trained LLM's token embeddings, mean-pooled.
+
+    Sentences sharing words land close together, which a random frozen encoder does not give.
+    It is an mBART-format encoder with no layers, so the rest of the pipeline is unchanged;
+    lang_codes: mBART's language codes, added to the tokenizer as mBART has them.
+    """
+    folder = checkpoint_folder(folder)
+    tok = Tokenizer.from_pretrained(folder)
+    backend = tok.backend
+    backend.add_special_tokens(["</s>", *lang_codes])
+    path = os.path.join(folder, "model.safetensors")
+    embed = read_safetensors(path, keep=lambda k: k == "model.embed_tokens.weight").get("model.embed_tokens.weight")
+    if embed is None:
+        raise ValueError(f"{path}: no model.embed_tokens.weight; --text_from_llm takes a Qwen2/Llama folder")
+    embed = embed.float()  # (V, D)
+    encoder_config = TextEncoderConfig(vocab_size=backend.get_vocab_size(with_added_tokens=True),
+                                       d_model=embed.shape[1], encoder_layers=0, encoder_attention_heads=1,
+                                       encoder_ffn_dim=embed.shape[1], max_position_embeddings=512,
+                                       scale_embedding=False, pad_token_id=tok.pad_token_id, pool="mean")
+    enc = TextEncoder(encoder_config, backend, path="")
+    with torch.no_grad():
+        enc.embed_tokens.weight[:embed.shape[0]] = embed
+        enc.embed_positions.weight.zero_()  # a bag of words: order is what the video must supply
+    return enc.requires_grad_(False).eval()
+
+
 def run(title: str, args: list, log_dir: str):
     """One stage as its own process (as a user would run it); its output goes to a log file."""
     print(f"== {title}: {' '.join(os.path.basename(a) if a == PY else a for a in [PY] + args)}", flush=True)
@@ -55,31 +89,31 @@ def run(title: str, args: list, log_dir: str):
 
 
 def main(argv):
-    cfg = parse_config(DemoConfig, argv)
+    config = parse_config(DemoConfig, argv)
     t_start = time.time()
     # fixed, not a default: float sums (and so every score) depend on the number of threads
-    os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
-    out = cfg.out
+    os.environ["OMP_NUM_THREADS"] = str(config.threads)
+    out = config.out
     data, cpt, vcp, vlt, full = (os.path.join(out, d) for d in ("data", "cpt", "vcp", "vlt", "vlt_full"))
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
-    limit = f"--time_limit={cfg.stage_time_limit if cfg.stage_time_limit else 'none'}"
+    limit = f"--time_limit={config.stage_time_limit if config.stage_time_limit else 'none'}"
     seconds = {}
 
     def done(folder):  # a stage that finished before is not run again (unless --fresh=true)
-        return not cfg.fresh and os.path.isfile(os.path.join(folder, "config.json"))
+        return not config.fresh and os.path.isfile(os.path.join(folder, "config.json"))
 
-    if cfg.fresh or not os.path.isfile(os.path.join(data, "meta.json")):
-        seconds["data"] = run("synthetic data", ["synth.py", "--out", data, "--seed", str(cfg.seed),
-                                                 "--n_train", str(cfg.n_train), "--n_test", str(cfg.n_test),
+    if config.fresh or not os.path.isfile(os.path.join(data, "meta.json")):
+        seconds["data"] = run("synthetic data", ["synth.py", "--out", data, "--seed", str(config.seed),
+                                                 "--n_train", str(config.n_train), "--n_test", str(config.n_test),
                                                  "--overwrite=true"], logs)
     # Stage 1: a tiny Qwen2-shaped LLM and a word-level tokenizer, from scratch, on the corpus
     if not done(cpt):
         seconds["cpt"] = run("stage 1 CPT", [
             "train_cpt.py", f"--corpus={data}/corpus.jsonl", f"--out={cpt}", "--hidden_size=128", "--num_layers=3",
             "--num_heads=4", "--num_kv_heads=2", "--intermediate_size=512", "--gloss_repeat=2", "--block_size=64",
-            f"--max_steps={cfg.cpt_steps}", "--batch_size=64", "--lr=3e-3", "--weight_decay=0.0", "--log_every=50",
-            f"--seed={cfg.seed}", limit], logs)
+            f"--max_steps={config.cpt_steps}", "--batch_size=64", "--lr=3e-3", "--weight_decay=0.0", "--log_every=50",
+            f"--seed={config.seed}", limit], logs)
     # Stage 2: a tiny ViT on 32 px frames ("flat" frame pooling: see README), 1 local + 1 full layer
     if not done(vcp):
         seconds["vcp"] = run("stage 2 VCP", [
@@ -87,20 +121,20 @@ def main(argv):
             "--resize=32", "--stride=2", "--max_frames=64", "--cache_videos=true", "--flip=0", "--rotation=0", "--color_jitter=0.1",
             "--frame_pool=flat", "--vit_tuning=full", "--vit_dim=64", "--vit_layers=2", "--vit_heads=4",
             "--patch_size=8", "--dim=128", "--heads=4", "--local_layers=1", "--window=3", "--full_layers=1",
-            "--dropout=0.0", "--clip_dim=128", "--logit_scale_init=30", f"--max_steps={cfg.vcp_steps}",
-            "--batch_size=64", "--lr=2e-3", "--weight_decay=1e-5", "--log_every=25", f"--seed={cfg.seed}",
+            "--dropout=0.0", "--clip_dim=128", "--logit_scale_init=30", f"--max_steps={config.vcp_steps}",
+            "--batch_size=64", "--lr=2e-3", "--weight_decay=1e-5", "--log_every=25", f"--seed={config.seed}",
             "--vit_chunk_size=256", limit], logs)
     # Stage 3: the connector on cached word features, then full-tuning
     if not done(vlt):
         seconds["vlt"] = run("stage 3 VLT connector", [
             "train_vlt.py", f"--data={data}", f"--cpt={cpt}", f"--vcp={vcp}", f"--out={vlt}",
-            f"--max_steps={cfg.vlt_steps}", "--batch_size=64", "--lr=2e-3", "--log_every=50", f"--seed={cfg.seed}",
-            limit], logs)
+            f"--max_steps={config.vlt_steps}", "--batch_size=64", "--lr=2e-3", "--log_every=50",
+            f"--seed={config.seed}", limit], logs)
     if not done(full):
         seconds["full_tune"] = run("stage 3 VLT full-tune", [
             "train_vlt.py", f"--data={data}", f"--init={vlt}", "--full_tune=true", "--lora_r=8", "--lora_alpha=16",
-            "--augment=false", "--cache_videos=true", f"--out={full}", f"--max_steps={cfg.full_tune_steps}", "--batch_size=32",
-            "--lr=3e-4", "--log_every=50", f"--seed={cfg.seed}", limit], logs)
+            "--augment=false", "--cache_videos=true", f"--out={full}", f"--max_steps={config.full_tune_steps}",
+            "--batch_size=32", "--lr=3e-4", "--log_every=50", f"--seed={config.seed}", limit], logs)
 
     results = {}
     rows = [("untrained", full, ["--untrained=true"]), ("text_only", full, ["--text_only=true"]),
@@ -119,7 +153,7 @@ def main(argv):
 
     labels = {"untrained": "untrained", "text_only": "text-only (LLM prior)",
               "connector_only": "trained, connector only", "test": "trained (+ full-tune)"}
-    print(f"\nheld-out test split ({cfg.n_test} clips, unseen gloss combinations), beam 4:")
+    print(f"\nheld-out test split ({config.n_test} clips, unseen gloss combinations), beam 4:")
     print(f"{'':26} {'BLEU1':>6} {'BLEU2':>6} {'BLEU3':>6} {'BLEU4':>6} {'ROUGE':>6}")
     for name, label in labels.items():
         r = results[name]

@@ -17,63 +17,50 @@ The frozen teacher encodes every training sentence once, before training. The ou
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, make_dataclass
 
 import torch
 import torch.nn.functional as F
 
+from bench import activation_estimate, activation_line, kept_bytes  # noqa: F401  (tests/test_vision.py: kept_bytes)
+from checkpoint import check_out
+from cli import cli, flags_of, parse_config, setup_distributed
 from data import ClipDataset, VideoTransform, collate_clips, language_of, load_rows
-from hf import checkpoint_folder, read_safetensors
+from demo import text_encoder_from_llm
 from losses import clip_loss, signcl_loss, symmetric_cross_entropy
-from tokenizer import Tokenizer
-from training import (TrainConfig, autocast, check_out, cli, fit, make_optimizer, parse_config, resolve_precision,
-                      seed_everything, setup_distributed, trainable_in_fp32)
-from vision import (HierarchicalConfig, TextEncoder, TextEncoderConfig, VCPConfig, VCPModel, ViTConfig,
-                    load_text_encoder)
+from training import TrainConfig, fit, make_optimizer, seed_everything, trainable_in_fp32
+from vision import HierarchicalConfig, VCPConfig, VCPModel, ViTConfig, load_text_encoder
 
 LANG_CODES = {"German": "de_DE", "Chinese": "zh_CN"}  # mBART's language codes
 
 
+# The model's flags are fields of vision.py's configs, declared there once (defaults: the
+# paper): VCPConfig's, the hierarchical encoder's, and a fresh ViT's shape (ignored with --vit).
+VCP_FLAGS = {f: f for f in ("image_size", "resize", "max_frames", "stride", "frame_pool", "vit_tuning", "lora_r",
+                            "lora_alpha", "clip_dim", "logit_scale_init", "grad_checkpointing", "vit_chunk_size")}
+VIT_FLAGS = {"vit_dim": "hidden_size", "vit_layers": "num_hidden_layers", "vit_heads": "num_attention_heads",
+             "patch_size": "patch_size"}
+HIER_FLAGS = {f: f for f in ("dim", "heads", "local_layers", "window", "step", "full_layers", "dropout")}
+ModelFlags = make_dataclass("ModelFlags", flags_of(VCPConfig, VCP_FLAGS) + flags_of(ViTConfig, VIT_FLAGS)
+                            + flags_of(HierarchicalConfig, HIER_FLAGS), bases=(TrainConfig,))
+
+
 @dataclass
-class VCPTrainConfig(TrainConfig):
+class VCPTrainConfig(ModelFlags):
     data: str = ""                   # manifest dir / .jsonl, Phoenix-2014T root or CSL-Daily root
     split: str = "train"
     out: str = "out/vcp"
-    vit: str = ""                    # DINOv2 folder (paper: dinov2-base); empty: a fresh ViT (vit_* below)
+    vit: str = ""                    # DINOv2 folder (paper: dinov2-base); empty: a fresh ViT (vit_* flags)
     text_encoder: str = ""           # mBART folder (paper: mbart-large-cc25), or a Qwen2/Llama folder (Tab. 7 row 6:
                                      # the mean of its last hidden states)
     text_from_llm: str = ""          # instead, the demo's: a bag of this LLM's token embeddings (a 0-layer mean-pooling
                                      # mBART-format encoder; a from-scratch LLM's states are no teacher yet)
-    # frames (paper section C: centre square crop, resize 384, random crop 336)
-    image_size: int = 336
-    resize: int = 384
-    max_frames: int = 256
-    stride: int = 1                  # temporal stride before subsampling to max_frames
     cache_videos: bool = False       # keep decoded clips in memory (small datasets, num_workers=0)
+    # frame augmentation (paper section C: centre square crop, resize 384, random crop 336)
     color_jitter: float = 0.2
     rotation: float = 5.0
     flip: float = 0.5
-    # model (defaults: the paper)
-    frame_pool: str = "cls"          # cls (paper, pretrained DINOv2) | flat (tiny from-scratch ViTs, see README)
-    vit_tuning: str = "lora"         # lora | full | frozen
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    vit_dim: int = 768               # a fresh ViT's shape (ignored with --vit)
-    vit_layers: int = 12
-    vit_heads: int = 12
-    patch_size: int = 14
-    dim: int = 768                   # hierarchical encoder width
-    heads: int = 12
-    local_layers: int = 4
-    window: int = 16
-    step: int = 4
-    full_layers: int = 8
-    dropout: float = 0.1
-    clip_dim: int = 768
-    logit_scale_init: float = 1 / 0.07
-    signcl_weight: float = 1e-2
-    grad_checkpointing: bool = False
-    vit_chunk_size: int = 64         # frames per ViT call (bounds memory; raise it for tiny frames)
+    signcl_weight: float = 1e-2      # lambda of Eq. 2
     dev_split: str = "dev"           # validation (--eval_every): dev CLIP loss picks the best, recall@1 logged
     # optimisation (paper: 200 epochs, batch 128, AdamW wd 1e-5, max lr 2e-4, one-cycle cosine)
     epochs: int = 200
@@ -82,44 +69,13 @@ class VCPTrainConfig(TrainConfig):
     weight_decay: float = 1e-5
 
 
-def text_encoder_from_llm(folder: str) -> TextEncoder:
-    """A teacher for from-scratch demos: the trained LLM's token embeddings, mean-pooled.
-
-    Sentences sharing words land close together, which a random frozen encoder does not give.
-    It is an mBART-format encoder with no layers, so the rest of the pipeline is unchanged.
-    """
-    folder = checkpoint_folder(folder)
-    tok = Tokenizer.from_pretrained(folder)
-    backend = tok.backend
-    backend.add_special_tokens(["</s>", *LANG_CODES.values()])
-    path = os.path.join(folder, "model.safetensors")
-    embed = read_safetensors(path, keep=lambda k: k == "model.embed_tokens.weight").get("model.embed_tokens.weight")
-    if embed is None:
-        raise ValueError(f"{path}: no model.embed_tokens.weight; --text_from_llm takes a Qwen2/Llama folder")
-    embed = embed.float()  # (V, D)
-    cfg = TextEncoderConfig(vocab_size=backend.get_vocab_size(with_added_tokens=True), d_model=embed.shape[1],
-                            encoder_layers=0, encoder_attention_heads=1, encoder_ffn_dim=embed.shape[1],
-                            max_position_embeddings=512, scale_embedding=False, pad_token_id=tok.pad_token_id,
-                            pool="mean")
-    enc = TextEncoder(cfg, backend, path="")
-    with torch.no_grad():
-        enc.embed_tokens.weight[:embed.shape[0]] = embed
-        enc.embed_positions.weight.zero_()  # a bag of words: order is what the video must supply
-    return enc.requires_grad_(False).eval()
-
-
-def build_model(cfg: VCPTrainConfig, text_encoder) -> VCPModel:
-    vit = ViTConfig(hidden_size=cfg.vit_dim, num_hidden_layers=cfg.vit_layers, num_attention_heads=cfg.vit_heads,
-                    patch_size=cfg.patch_size, image_size=cfg.image_size)
-    hier = HierarchicalConfig(dim=cfg.dim, heads=cfg.heads, local_layers=cfg.local_layers, window=cfg.window,
-                              step=cfg.step, full_layers=cfg.full_layers, dropout=cfg.dropout)
-    model_cfg = VCPConfig(vit=vit, vit_path=cfg.vit, image_size=cfg.image_size, resize=cfg.resize,
-                          max_frames=cfg.max_frames, stride=cfg.stride, vit_tuning=cfg.vit_tuning,
-                          lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, frame_pool=cfg.frame_pool,
-                          grad_checkpointing=cfg.grad_checkpointing, vit_chunk_size=cfg.vit_chunk_size,
-                          hier=hier, clip_dim=cfg.clip_dim,
-                          logit_scale_init=cfg.logit_scale_init)
-    return VCPModel(model_cfg, text_encoder)
+def build_model(config: VCPTrainConfig, text_encoder) -> VCPModel:
+    def pick(flags: dict) -> dict:  # {field: the value of its flag}
+        return {field: getattr(config, flag) for flag, field in flags.items()}
+    vit = ViTConfig(image_size=config.image_size, **pick(VIT_FLAGS))
+    model_config = VCPConfig(vit=vit, vit_path=config.vit, hier=HierarchicalConfig(**pick(HIER_FLAGS)),
+                             **pick(VCP_FLAGS))
+    return VCPModel(model_config, text_encoder)
 
 
 @torch.no_grad()
@@ -139,45 +95,6 @@ def objective(out: dict, text_words, signcl_weight: float):
     clip = clip_loss(out["video_emb"], out["text_emb"], out["logit_scale"])  # over the global batch
     signcl = signcl_loss(out["word_features"], out["word_mask"], text_words)
     return clip + signcl_weight * signcl, None, {"clip": clip.detach(), "signcl": signcl.detach()}
-
-
-def kept_bytes(fn) -> int:
-    """Bytes of the tensors autograd keeps for the backward pass while `fn()` runs (each storage
-    once, parameters excluded): the activation memory of a forward, on any device."""
-    seen = {}
-
-    def pack(t):
-        if not isinstance(t, torch.nn.Parameter):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
-def activation_estimate(model: VCPModel, frames_per_batch: int, device, precision: str) -> dict:
-    """The activation memory of one micro-batch where it is large (section 3.2: the ViT at
-    336 px), measured on one frame: the frames themselves (fp32) and what the ViT keeps for the
-    backward pass per frame, times the batch's frames, plus, with grad_checkpointing, the
-    recompute of one chunk (--vit_chunk_size frames). The hierarchical encoder's share is
-    small beside it (its tokens are the frames' CLS features, not their patches)."""
-    vit, size = model.vit, model.cfg.image_size
-    x = torch.zeros(2, 3, size, size, device=device)
-    was_training, ckpt = vit.training, vit.grad_checkpointing
-    vit.train()
-    try:
-        with autocast(torch.device(device), precision):
-            vit.grad_checkpointing = False
-            full = (kept_bytes(lambda: vit(x)) - kept_bytes(lambda: vit(x[:1]))) or 1  # per frame: the slope
-            vit.grad_checkpointing = ckpt
-            per_frame = kept_bytes(lambda: vit(x)) - kept_bytes(lambda: vit(x[:1])) if ckpt else full
-    finally:
-        vit.grad_checkpointing = ckpt
-        vit.train(was_training)
-    peak = full * min(vit.chunk_size or frames_per_batch, frames_per_batch) if ckpt else 0
-    pixels = 3 * size * size * 4  # one fp32 frame of the batch
-    return {"mib_per_frame": per_frame / 2**20, "full_mib_per_frame": full / 2**20,
-            "gib": ((per_frame + pixels) * frames_per_batch + peak) / 2**30}
 
 
 @torch.no_grad()
@@ -205,66 +122,60 @@ def validate(model: VCPModel, clips: ClipDataset, text_sentence, dist, batch_siz
 
 
 def main(argv):
-    cfg = parse_config(VCPTrainConfig, argv)
-    if not cfg.data:
+    config = parse_config(VCPTrainConfig, argv)
+    if not config.data:
         raise ValueError("--data is required: a manifest folder, a Phoenix-2014T root or a CSL-Daily root")
-    if bool(cfg.text_encoder) == bool(cfg.text_from_llm):
+    if bool(config.text_encoder) == bool(config.text_from_llm):
         raise ValueError("give exactly one of --text_encoder (an mBART folder) and --text_from_llm (an LLM folder)")
-    check_out(cfg.out, "vcp", data=cfg.data, text_encoder=cfg.text_encoder, text_from_llm=cfg.text_from_llm,
-              vit=cfg.vit)
-    dist = setup_distributed(cfg.device)
-    seed_everything(cfg.seed)  # the same initial weights on every rank
+    check_out(config.out, "vcp", data=config.data, text_encoder=config.text_encoder,
+              text_from_llm=config.text_from_llm, vit=config.vit)
+    dist = setup_distributed(config.device)
+    seed_everything(config.seed)  # the same initial weights on every rank
 
-    rows = load_rows(cfg.data, cfg.split)
-    language, _ = language_of(cfg.data)
-    transform = VideoTransform(size=cfg.image_size, resize=cfg.resize, train=True, color_jitter=cfg.color_jitter,
-                               rotation=cfg.rotation, flip_p=cfg.flip)
-    dataset = ClipDataset(rows, transform, max_frames=cfg.max_frames, stride=cfg.stride, train=True, seed=cfg.seed,
-                          cache_videos=cfg.cache_videos)
+    rows = load_rows(config.data, config.split)
+    language, _ = language_of(config.data)
+    transform = VideoTransform(size=config.image_size, resize=config.resize, train=True,
+                               color_jitter=config.color_jitter, rotation=config.rotation, flip_p=config.flip)
+    dataset = ClipDataset(rows, transform, max_frames=config.max_frames, stride=config.stride, train=True,
+                          seed=config.seed, cache_videos=config.cache_videos)
 
-    if cfg.text_encoder:
-        text_encoder = load_text_encoder(cfg.text_encoder).requires_grad_(False)
+    if config.text_encoder:
+        text_encoder = load_text_encoder(config.text_encoder).requires_grad_(False)
     else:
-        text_encoder = text_encoder_from_llm(cfg.text_from_llm)
-    texts = [r["text"] for r in rows]
-    text_sentence = encode_sentences(text_encoder, texts, LANG_CODES.get(language, "de_DE"), dist.device)
+        text_encoder = text_encoder_from_llm(config.text_from_llm, LANG_CODES.values())
+    texts, lang = [r["text"] for r in rows], LANG_CODES.get(language, "de_DE")
+    text_sentence = encode_sentences(text_encoder, texts, lang, dist.device)
     text_words = torch.tensor([len(t.split()) if language != "Chinese" else len(t) for t in texts])
-    dev_rows = load_rows(cfg.data, cfg.dev_split) if cfg.eval_every else []
-    dev_clips = ClipDataset(dev_rows, VideoTransform(size=cfg.image_size, resize=cfg.resize, train=False),
-                            max_frames=cfg.max_frames, stride=cfg.stride, train=False)
-    dev_sentence = encode_sentences(text_encoder, [r["text"] for r in dev_rows], LANG_CODES.get(language, "de_DE"),
-                                    dist.device) if dev_rows else None
-    model = build_model(cfg, text_encoder)
+    dev_rows = load_rows(config.data, config.dev_split) if config.eval_every else []
+    dev_clips = ClipDataset(dev_rows, VideoTransform(size=config.image_size, resize=config.resize, train=False),
+                            max_frames=config.max_frames, stride=config.stride, train=False)
+    dev_texts = [r["text"] for r in dev_rows]
+    dev_sentence = encode_sentences(text_encoder, dev_texts, lang, dist.device) if dev_rows else None
+    model = build_model(config, text_encoder)
     # the teacher's folder, relative to the output folder so the tree can move; a teacher made
     # from the LLM is written beside the visual encoder as a real mBART-format folder
-    teacher = os.path.join(cfg.out, "text_encoder") if cfg.text_from_llm else cfg.text_encoder
-    model.cfg.text_encoder_path = os.path.relpath(os.path.abspath(teacher), os.path.abspath(cfg.out))
+    teacher = os.path.join(config.out, "text_encoder") if config.text_from_llm else config.text_encoder
+    model.cfg.text_encoder_path = os.path.relpath(os.path.abspath(teacher), os.path.abspath(config.out))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dist.log(f"{len(rows)} clips ({language}); VCP model {n_train / 1e6:.2f}M trainable parameters")
     trainable_in_fp32(model)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    # a micro-batch of clips that all reach --max_frames is the longest one
-    est = activation_estimate(model.to(dist.device), cfg.batch_size * cfg.max_frames, dist.device,
-                              resolve_precision(cfg.precision, dist.device))
-    dist.log(f"activation memory estimate (ViT): {est['gib']:.1f} GiB per process for the longest micro-batch "
-             f"({cfg.batch_size} clips x {cfg.max_frames} frames; {est['mib_per_frame']:.3g} MiB kept per frame "
-             f"beside its pixels"
-             + (f", plus the recompute of {cfg.vit_chunk_size} frames)" if cfg.grad_checkpointing else ")"))
+    optimizer = make_optimizer(model, config.lr, config.weight_decay)
+    dist.log(activation_line(model.to(dist.device), config, dist.device))  # measured on one frame (bench.py)
 
     def train_step(model, batch):
         out = model(batch["frames"], batch["frame_mask"], text_sentence=text_sentence[batch["index"]])
-        return objective(out, text_words[batch["index"]].to(dist.device), cfg.signcl_weight)
+        return objective(out, text_words[batch["index"]].to(dist.device), config.signcl_weight)
 
     def save(folder):
         model.save(folder)
-        if cfg.text_from_llm:
+        if config.text_from_llm:
             text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
 
     # drop_last: the CLIP loss needs the same batch on every rank, and a batch of one pair learns nothing
-    fit(model, train_step, dataset, optimizer, cfg, dist, collate_fn=collate_clips, save_fn=save,
+    fit(model, train_step, dataset, optimizer, config, dist, collate_fn=collate_clips, save_fn=save,
         unit="clips", drop_last=True, stage="vcp", metric="dev_loss", higher_is_better=False,
-        evaluate=lambda m: validate(m, dev_clips, dev_sentence, dist, cfg.batch_size))
-    dist.log(f"saved {cfg.out}")
+        evaluate=lambda m: validate(m, dev_clips, dev_sentence, dist, config.batch_size))
+    dist.log(f"saved {config.out}")
 
 
 if __name__ == "__main__":

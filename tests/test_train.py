@@ -1,5 +1,6 @@
-"""Tests for training.py: schedule, flags, optimizer groups, atomic checkpoints, exact
-resume, DDP/accumulation equivalence (2 gloo processes under torchrun), time limit.
+"""Tests for training.py (and what it uses off the reading path: cli.py, loader.py,
+checkpoint.py): schedule, flags, optimizer groups, atomic checkpoints, exact resume,
+DDP/accumulation equivalence (2 gloo processes under torchrun), time limit.
 
 Run as a script (`torchrun ... tests/test_train.py --ddp-toy OUT`) this file is also the
 toy training program of the 2-process test.
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -26,10 +27,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import checkpoint  # noqa: E402
+import loader  # noqa: E402
 import training  # noqa: E402
+from checkpoint import capture_train_state, load_checkpoint, restore_train_state, save_checkpoint  # noqa: E402
+from cli import Dist, cli, parse_config, setup_distributed  # noqa: E402
+from hf import RUN_MARKER, CheckpointError, checkpoint_folder  # noqa: E402
+from loader import ResumableSampler  # noqa: E402
 from losses import all_gather  # noqa: E402
-from training import (Dist, ResumableSampler, TrainConfig, capture_train_state, cli, fit, load_checkpoint,  # noqa: E402
-                      lr_at, make_optimizer, parse_config, restore_train_state, save_checkpoint, seed_everything)
+from training import TrainConfig, fit, lr_at, make_optimizer, seed_everything  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, one thread
@@ -81,7 +86,7 @@ def _world():
 def mean_step(model, batch):
     """A loss over the global batch (like CLIP: gathered rows, a scale every rank sees whole)
     plus a second term the way a fork adds one: a mean over this rank's items, simply added.
-    The one rule (training.py): nothing here knows the world size."""
+    The one rule (docs/training.md): nothing here knows the world size."""
     pred, m = model(batch["x"]), batch["mask"].float()             # (B, T)
     score = (pred * m).sum(1) / m.sum(1)                           # (B,)
     every = all_gather(score[:, None])[:, 0] if _world() > 1 else score   # (B * world,)
@@ -94,10 +99,10 @@ def mean_step(model, batch):
 def run_toy(out, steps, batch_size, grad_accum=1, step_fn=sum_step, dropout=0.0, augment=False, dist=None, **kw):
     seed_everything(0)
     model, data = MLP(dropout, logit_scale=step_fn is mean_step), ToyData(augment=augment)
-    cfg = TrainConfig(**{**dict(out=str(out), max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=3e-2,
-                                weight_decay=0.01, max_grad_norm=1.0, log_every=1, device="cpu"), **kw})
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    result = fit(model, step_fn, data, optimizer, cfg, dist)
+    config = TrainConfig(**{**dict(out=str(out), max_steps=steps, batch_size=batch_size, grad_accum=grad_accum,
+                                   lr=3e-2, weight_decay=0.01, max_grad_norm=1.0, log_every=1, device="cpu"), **kw})
+    optimizer = make_optimizer(model, config.lr, config.weight_decay)
+    result = fit(model, step_fn, data, optimizer, config, dist)
     return result, model, data
 
 
@@ -130,22 +135,18 @@ def test_lr_at_equals_onecycle_every_step(total, pct, div, final):
 @dataclass
 class StageConfig(TrainConfig):
     name: str = "x"
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
-    betas: tuple[float, float] = (0.9, 0.999)
-    mode: Literal["mlp", "linear"] = "mlp"
     limit: Optional[int] = 5
 
 
 def test_parse_config_types():
-    cfg = parse_config(StageConfig, ["--lr=1e-4", "--batch_size", "16", "--resume=yes", "--targets=q,k, v",
-                                     "--time_limit=30", "--max_steps=1e3", "--mode=linear", "--precision", "fp32",
-                                     "--limit=none", "--betas=0.8,0.95", "--name=", "--max-grad-norm=0"])
-    assert (cfg.lr, cfg.batch_size, cfg.resume, cfg.targets) == (1e-4, 16, True, ("q", "k", "v"))
-    assert (cfg.time_limit, cfg.max_steps, cfg.mode, cfg.precision) == (30.0, 1000, "linear", "fp32")
-    assert (cfg.limit, cfg.betas, cfg.name, cfg.max_grad_norm) == (None, (0.8, 0.95), "", 0.0)
-    assert isinstance(cfg.max_steps, int) and isinstance(cfg.time_limit, float)
+    config = parse_config(StageConfig, ["--lr=1e-4", "--batch_size", "16", "--resume=yes", "--time_limit=30",
+                                        "--max_steps=1e3", "--precision", "fp32", "--limit=none", "--name=",
+                                        "--max-grad-norm=0"])
+    assert (config.lr, config.batch_size, config.resume) == (1e-4, 16, True)
+    assert (config.time_limit, config.max_steps, config.precision) == (30.0, 1000, "fp32")
+    assert (config.limit, config.name, config.max_grad_norm) == (None, "", 0.0)
+    assert isinstance(config.max_steps, int) and isinstance(config.time_limit, float)
     assert parse_config(StageConfig, []) == StageConfig()
-    assert parse_config(StageConfig, ["--targets="]).targets == ()
     assert parse_config(StageConfig, ["--limit", "7"]).limit == 7
 
 
@@ -177,10 +178,6 @@ def test_parse_config_errors(argv, message):
 
 
 def test_parse_config_errors_name_types_of_stage_fields():
-    with pytest.raises(ValueError, match="--mode=conv: expected one of mlp|linear"):
-        parse_config(StageConfig, ["--mode=conv"])
-    with pytest.raises(ValueError, match="--betas=0.9: expected 2 comma-separated values"):
-        parse_config(StageConfig, ["--betas=0.9"])
     with pytest.raises(ValueError, match="--limit=x: expected int or none"):
         parse_config(StageConfig, ["--limit=x"])
 
@@ -191,7 +188,6 @@ def test_help_and_cli_one_line_errors(capsys):
     assert e.value.code == 0
     printed = capsys.readouterr().out
     assert "--lr" in printed and "float" in printed and "default 0.001" in printed
-    assert "--targets" in printed and "comma-separated str" in printed
 
     def main(argv):
         parse_config(TrainConfig, argv)
@@ -203,7 +199,7 @@ def test_help_and_cli_one_line_errors(capsys):
     assert err == "error: --lr=abc: expected float\n"
 
     def missing(argv):
-        raise training.CheckpointError("checkpoint x/model.safetensors: missing lm_head.weight")
+        raise CheckpointError("checkpoint x/model.safetensors: missing lm_head.weight")
 
     with pytest.raises(SystemExit):
         cli(missing, [])
@@ -376,29 +372,29 @@ def test_crash_during_save_leaves_a_whole_checkpoint(tmp_path, monkeypatch, cras
     v = 2 if crash == "before_cleanup" else 1     # the new one was complete and in place there
     for recovered in (False, True):                # readers read ck.old as it is; training renames it back
         if recovered:
-            training.recover_checkpoint(folder)
+            checkpoint.recover_checkpoint(folder)
             assert sorted(os.listdir(tmp_path)) == ["ck"] + (["partial"] if crash == "while_writing" else [])
         ck = load_checkpoint(folder)
         assert ck["config"] == {"v": v} and torch.equal(ck["tensors"]["w"], torch.full((1000,), float(v)))
         assert ck["train_state"]["step"] == (5 if v == 2 else 3)
-        where = training.checkpoint_folder(folder)
+        where = checkpoint_folder(folder)
         assert open(os.path.join(where, "metrics.jsonl")).read() == '{"step": 1}\n'   # carried into the new folder
 
 
 _SAVER = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[3])
-import training
+import checkpoint, training
 model = torch.nn.Linear(64, 64)
 opt = training.make_optimizer(model, 1e-3, 0.0)
 model(torch.randn(2, 64)).sum().backward(); opt.step()
 i = int(sys.argv[2])
 while True:
     i += 1
-    state = training.capture_train_state(i, opt, model, {"epoch": 0, "position": i}, training.Dist())
+    state = checkpoint.capture_train_state(i, opt, model, {"epoch": 0, "position": i}, training.Dist())
     w = torch.full((500_000,), float(i))
-    training.save_checkpoint(sys.argv[1], tensors={"w": w}, config={"v": i}, train_state=state,
-                             write=lambda d: open(d + "/extra.txt", "w").write(str(i)))
+    checkpoint.save_checkpoint(sys.argv[1], tensors={"w": w}, config={"v": i}, train_state=state,
+                               write=lambda d: open(d + "/extra.txt", "w").write(str(i)))
     print(i, flush=True)
 """
 
@@ -416,9 +412,9 @@ def test_kill_at_a_random_moment_leaves_a_whole_checkpoint(tmp_path):
         version = ck["config"]["v"]
         assert version >= seen[-1]
         assert torch.equal(ck["tensors"]["w"], torch.full((500_000,), float(version)))
-        assert open(os.path.join(training.checkpoint_folder(folder), "extra.txt")).read() == str(version)
+        assert open(os.path.join(checkpoint_folder(folder), "extra.txt")).read() == str(version)
         assert ck["train_state"]["step"] == version and ck["train_state"]["sampler"]["position"] == version
-        training.recover_checkpoint(folder)
+        checkpoint.recover_checkpoint(folder)
         assert sorted(os.listdir(tmp_path)) == ["ck"]
         assert (folder / "extra.txt").read_text() == str(version)
 
@@ -486,12 +482,12 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
 
 
 def _ddp_toy_main(out):
-    dist = training.setup_distributed("cpu")
+    dist = setup_distributed("cpu")
     assert dist.world_size == 2 and torch_dist.get_backend() == "gloo"
     run_toy(os.path.join(out, "ddp_b2"), steps=6, batch_size=2, dist=dist)
     run_toy(os.path.join(out, "ddp_b1_acc2"), steps=6, batch_size=1, grad_accum=2, dist=dist)
     run_toy(os.path.join(out, "ddp_mean"), steps=6, batch_size=2, step_fn=mean_step, dist=dist)
-    training.cleanup()
+    torch_dist.destroy_process_group()
 
 
 def test_time_limit_stops_saves_and_resumes(tmp_path):
@@ -521,7 +517,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--ddp-toy"]:
 def test_save_replaces_only_what_a_run_wrote(tmp_path):
     ck = tmp_path / "ck"
     save_checkpoint(ck, tensors={"w": torch.zeros(3)}, stage="vcp", write=lambda d: open(d + "/old.txt", "w").write("1"))
-    marker = json.loads((ck / training.RUN_MARKER).read_text())
+    marker = json.loads((ck / RUN_MARKER).read_text())
     assert marker == {"stage": "vcp", "files": ["metrics.jsonl", "model.safetensors", "old.txt"]}
     (ck / "notes.txt").write_text("mine")                       # a user's note and folder put into our output
     os.chmod(ck / "notes.txt", 0o600)
@@ -552,21 +548,21 @@ def test_save_replaces_only_what_a_run_wrote(tmp_path):
     # a user's FOLDER.old is never taken for a half-finished save, nor overwritten by one
     (tmp_path / "ck.old").mkdir()
     (tmp_path / "ck.old" / "keep.txt").write_text("k")
-    training.recover_checkpoint(ck)
+    checkpoint.recover_checkpoint(ck)
     with pytest.raises(ValueError, match=r"ck.old: exists and was not written by a llava-slt run; .* move it away"):
         save_checkpoint(ck, tensors={"w": torch.ones(3)}, stage="vcp")
     assert (tmp_path / "ck.old" / "keep.txt").read_text() == "k"
     shutil.rmtree(tmp_path / "ck")
-    assert training.checkpoint_folder(str(ck)) == str(ck)         # the user's .old is not read as ours either
+    assert checkpoint_folder(str(ck)) == str(ck)         # the user's .old is not read as ours either
 
 
 def test_outputs_that_are_inputs_are_refused(tmp_path):
     (tmp_path / "llm").mkdir()
     with pytest.raises(ValueError, match=r"--out=.*llm is also where --text_from_llm=.*llm is read from"):
-        training.check_out(str(tmp_path / "llm"), "vcp", data="d", text_from_llm=str(tmp_path / "llm" / "."))
+        checkpoint.check_out(str(tmp_path / "llm"), "vcp", data="d", text_from_llm=str(tmp_path / "llm" / "."))
     with pytest.raises(ValueError, match=r"is also where --data="):          # an input inside the output
-        training.check_out(str(tmp_path), "vcp", data=str(tmp_path / "llm"))
-    training.check_out(str(tmp_path / "out"), "vcp", data=str(tmp_path / "llm"), init="")
+        checkpoint.check_out(str(tmp_path), "vcp", data=str(tmp_path / "llm"))
+    checkpoint.check_out(str(tmp_path / "out"), "vcp", data=str(tmp_path / "llm"), init="")
 
 
 def test_checkpoints_are_readable_by_the_group_as_the_umask_says(tmp_path):
@@ -607,10 +603,10 @@ def _poisoned(model, bad_calls, where="loss"):
 
 @pytest.mark.parametrize("where", ["loss", "grad"])
 def test_a_non_finite_step_is_skipped_never_applied_or_saved(tmp_path, where):
-    cfg = TrainConfig(out=str(tmp_path / "t"), max_steps=6, batch_size=4, lr=3e-2, log_every=1, device="cpu")
+    config = TrainConfig(out=str(tmp_path / "t"), max_steps=6, batch_size=4, lr=3e-2, log_every=1, device="cpu")
     seed_everything(0)
     model = MLP()
-    result = fit(model, _poisoned(model, {1, 2}, where), ToyData(), make_optimizer(model, cfg.lr, 0.0), cfg)
+    result = fit(model, _poisoned(model, {1, 2}, where), ToyData(), make_optimizer(model, config.lr, 0.0), config)
     assert result["step"] == 6 and result["skipped"] == 2
     rows = metrics(tmp_path / "t")
     assert [r["skipped"] for r in rows] == [0, 1, 2, 2, 2, 2]
@@ -624,11 +620,11 @@ def test_a_diverged_run_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_pa
     out = tmp_path / "t"
 
     def main(argv):
-        cfg = TrainConfig(out=str(out), max_steps=10, batch_size=4, lr=3e-2, log_every=1, device="cpu",
-                          save_every=2, max_nonfinite_steps=3)
+        config = TrainConfig(out=str(out), max_steps=10, batch_size=4, lr=3e-2, log_every=1, device="cpu",
+                             save_every=2, max_nonfinite_steps=3)
         seed_everything(0)
         model = MLP()
-        fit(model, _poisoned(model, set(range(3, 100))), ToyData(), make_optimizer(model, cfg.lr, 0.0), cfg)
+        fit(model, _poisoned(model, set(range(3, 100))), ToyData(), make_optimizer(model, config.lr, 0.0), config)
 
     with pytest.raises(SystemExit) as e:
         cli(main, [])
@@ -645,18 +641,18 @@ def test_saves_every_so_many_minutes(tmp_path):
     calls = []
     for minutes, expected in ((0.0, 1), (1e-9, 4)):
         calls.clear()
-        cfg = TrainConfig(out=str(tmp_path / f"t{minutes}"), max_steps=4, batch_size=4, log_every=1, device="cpu",
-                          save_every_minutes=minutes)
+        config = TrainConfig(out=str(tmp_path / f"t{minutes}"), max_steps=4, batch_size=4, log_every=1, device="cpu",
+                             save_every_minutes=minutes)
         seed_everything(0)
         model = MLP()
-        fit(model, sum_step, ToyData(), make_optimizer(model, 1e-3, 0.0), cfg,
+        fit(model, sum_step, ToyData(), make_optimizer(model, 1e-3, 0.0), config,
             save_fn=lambda d: calls.append(load_marker_free(d)))
         assert len(calls) == expected, minutes
     assert TrainConfig().save_every_minutes == 30.0      # a crash loses at most half an hour by default
 
 
 def load_marker_free(folder):
-    return sorted(n for n in os.listdir(folder) if n != training.RUN_MARKER)
+    return sorted(n for n in os.listdir(folder) if n != RUN_MARKER)
 
 
 # ============================================================================ fp32 master weights under bf16
@@ -703,13 +699,13 @@ def _train_vlt_toy(tmp_path, name, dtype, precision, steps, old_behaviour=False)
     if not old_behaviour:
         training.trainable_in_fp32(model)
     before = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-    cfg = TrainConfig(out=str(tmp_path / name), max_steps=steps, batch_size=8, lr=1e-5, pct_start=0.01,
-                      div_factor=1.0, final_div_factor=1.0, precision=precision, log_every=100, device="cpu")
+    config = TrainConfig(out=str(tmp_path / name), max_steps=steps, batch_size=8, lr=1e-5, pct_start=0.01,
+                         div_factor=1.0, final_div_factor=1.0, precision=precision, log_every=100, device="cpu")
 
     def step(net, batch):
         loss, n = lm_loss(net(batch["x"]), batch["y"])
         return loss * n, n
-    fit(model, step, _FeatureData(), make_optimizer(model, cfg.lr, 0.0), cfg)
+    fit(model, step, _FeatureData(), make_optimizer(model, config.lr, 0.0), config)
     return {n: p.detach().float() - before[n] for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -744,11 +740,11 @@ def _scripted_eval(model, values, snapshots, crash_at=None):
 
 
 def _fit_validated(out, values, snapshots, crash_at=None, **kw):
-    cfg = TrainConfig(**{**dict(out=str(out), max_steps=len(values), batch_size=4, lr=3e-2, log_every=1,
-                                device="cpu", eval_every=1), **kw})
+    config = TrainConfig(**{**dict(out=str(out), max_steps=len(values), batch_size=4, lr=3e-2, log_every=1,
+                                   device="cpu", eval_every=1), **kw})
     seed_everything(0)
     model = MLP()
-    return fit(model, sum_step, ToyData(), make_optimizer(model, cfg.lr, 0.0), cfg,
+    return fit(model, sum_step, ToyData(), make_optimizer(model, config.lr, 0.0), config,
                evaluate=_scripted_eval(model, values, snapshots, crash_at), metric="dev_score")
 
 
@@ -765,9 +761,9 @@ def test_validation_keeps_the_best_weights_and_patience_stops(tmp_path):
     assert [(r["step"], r["dev_score"], r["best_step"]) for r in dev] == [(1, 1.0, 1), (2, 3.0, 2), (3, 2.0, 2),
                                                                          (4, 2.5, 2), (5, 2.9, 2)]
     # lower is better (a loss): the best is the smallest
-    cfg = TrainConfig(out=str(tmp_path / "l2"), max_steps=3, batch_size=4, log_every=1, device="cpu", eval_every=1)
+    config = TrainConfig(out=str(tmp_path / "l2"), max_steps=3, batch_size=4, log_every=1, device="cpu", eval_every=1)
     model = MLP()
-    r = fit(model, sum_step, ToyData(), make_optimizer(model, 1e-3, 0.0), cfg, higher_is_better=False,
+    r = fit(model, sum_step, ToyData(), make_optimizer(model, 1e-3, 0.0), config, higher_is_better=False,
             evaluate=_scripted_eval(model, [3.0, 1.0, 2.0], []), metric="dev_score")
     assert r["best"] == {"step": 2, "value": 1.0} and r["stopped"] == "done"
 
@@ -792,11 +788,11 @@ def test_resume_keeps_the_best_so_far(tmp_path):
 def test_loader_workers_feed_a_gpu_and_stay_out_of_the_way_on_a_cpu(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert training.loader_workers(-1, "cuda") == 7            # 64 cores / 8 processes, one kept for training
+    assert loader.loader_workers(-1, "cuda") == 7            # 64 cores / 8 processes, one kept for training
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert training.loader_workers(-1, "cuda:0") == 8          # at most 8
-    assert training.loader_workers(-1, "cpu") == 0 and training.loader_workers(3, "cpu") == 3
-    assert training.loader_workers(-1, "cuda", in_memory=True) == 0
+    assert loader.loader_workers(-1, "cuda:0") == 8          # at most 8
+    assert loader.loader_workers(-1, "cpu") == 0 and loader.loader_workers(3, "cpu") == 3
+    assert loader.loader_workers(-1, "cuda", in_memory=True) == 0
     assert TrainConfig().num_workers == -1
     with pytest.raises(ValueError, match="--num_workers=-2"):
         TrainConfig(num_workers=-2)
@@ -819,7 +815,7 @@ def test_a_kill_while_removing_the_old_folder_is_finished_later(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(ck, tensors={"w": torch.ones(2)}, train_state=state, config={"v": 2})
     monkeypatch.undo()
-    assert (tmp_path / "ck.old" / training.RUN_MARKER).is_file() and len(os.listdir(tmp_path / "ck.old")) < 5
+    assert (tmp_path / "ck.old" / RUN_MARKER).is_file() and len(os.listdir(tmp_path / "ck.old")) < 5
     assert load_checkpoint(ck)["config"] == {"v": 2}
     save_checkpoint(ck, tensors={"w": torch.ones(2)}, train_state=state, config={"v": 3})
     assert sorted(os.listdir(tmp_path)) == ["ck"] and load_checkpoint(ck)["config"] == {"v": 3}
@@ -851,11 +847,11 @@ def test_persistent_workers_draw_each_epochs_randomness(tmp_path):
             pids.update(batch["pid"].tolist())
             epochs.append(int(batch["epoch"][0]))
             return sum_step(model, batch)
-        cfg = TrainConfig(out=str(tmp_path / f"w{workers}"), max_steps=12, batch_size=8, lr=3e-2, log_every=1,
-                          device="cpu", num_workers=workers)
+        config = TrainConfig(out=str(tmp_path / f"w{workers}"), max_steps=12, batch_size=8, lr=3e-2, log_every=1,
+                             device="cpu", num_workers=workers)
         seed_everything(0)
         model = MLP()
-        seen[workers] = (fit(model, step, _EpochData(), make_optimizer(model, cfg.lr, 0.0), cfg)["losses"], pids,
+        seen[workers] = (fit(model, step, _EpochData(), make_optimizer(model, config.lr, 0.0), config)["losses"], pids,
                          epochs)
     assert seen[2][0] == seen[0][0]                     # the same batches, bit for bit
     assert seen[2][2] == seen[0][2] == [0] * 4 + [1] * 4 + [2] * 4
