@@ -26,7 +26,8 @@ from data import (ClipDataset, VideoTransform, build_chat_example, collate_clips
 from hf import checkpoint_folder, read_json
 from model import LLM, Connector, LLaVASLT, LLMConfig
 from tokenizer import Tokenizer
-from training import cli, parse_config, resolve_device, seed_everything
+from cli import cli, parse_config, resolve_device
+from training import seed_everything
 from vision import VCPConfig, VCPModel
 
 ROUGE_BETA = 1.2
@@ -141,9 +142,9 @@ def load_untrained(folder: str, device) -> LLaVASLT:
 
 
 @torch.no_grad()
-def translate(model: LLaVASLT, tok, system, batch, cfg: EvalConfig, device) -> list:
+def translate(model: LLaVASLT, tok, system, batch, config: EvalConfig, device) -> list:
     """A collated batch of clips (frames, or word features computed before) -> the decoded sentences."""
-    if cfg.text_only:
+    if config.text_only:
         B = len(batch["ids"])
         feats = torch.zeros(B, 0, model.connector_dims()[0], device=device, dtype=model.connector_dtype())
         mask = torch.zeros(B, 0, dtype=torch.bool, device=device)
@@ -156,55 +157,55 @@ def translate(model: LLaVASLT, tok, system, batch, cfg: EvalConfig, device) -> l
     examples = [build_chat_example(tok, system, int(n)) for n in mask.sum(1).tolist()]
     prompt = {k: v.to(device) for k, v in collate_vlt(examples, tok.pad_token_id, padding_side="left").items()}
     new = model.generate(prompt["input_ids"], prompt["attention_mask"], prompt["slot_mask"], feats, mask,
-                         max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
-                         length_penalty=cfg.length_penalty, eos_token_id=tok.eos_token_ids,
+                         max_new_tokens=config.max_new_tokens, num_beams=config.num_beams,
+                         length_penalty=config.length_penalty, eos_token_id=tok.eos_token_ids,
                          pad_token_id=tok.pad_token_id)
     return [tok.decode(row).strip() for row in new.tolist()]
 
 
 def main(argv):
-    cfg = parse_config(EvalConfig, argv)
-    if not cfg.checkpoint:
+    config = parse_config(EvalConfig, argv)
+    if not config.checkpoint:
         raise ValueError("--checkpoint is required: a LLaVA-SLT folder written by train_vlt.py")
-    if bool(cfg.video) == bool(cfg.data):
+    if bool(config.video) == bool(config.data):
         raise ValueError("give --video (one clip) or --data with --split (a whole split)")
-    device = resolve_device(cfg.device)
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype={cfg.dtype}: expected auto, float32, bfloat16 or float16")
+    device = resolve_device(config.device)
+    if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype={config.dtype}: expected auto, float32, bfloat16 or float16")
     # a 7B LLM in fp32 needs 28 GB and runs at half the speed; bf16 is what it was trained in
-    dtype = getattr(torch, "bfloat16" if device.type == "cuda" else "float32") if cfg.dtype == "auto" \
-        else getattr(torch, cfg.dtype)
+    dtype = getattr(torch, "bfloat16" if device.type == "cuda" else "float32") if config.dtype == "auto" \
+        else getattr(torch, config.dtype)
     # the outputs are checked before the work, not after translating a whole split
-    predictions = cfg.predictions or os.path.join(checkpoint_folder(cfg.checkpoint), f"predictions_{cfg.split}.jsonl")
-    for flag, path in (("--predictions", predictions if cfg.data else ""), ("--json", cfg.json)):
+    predictions = config.predictions or os.path.join(checkpoint_folder(config.checkpoint), f"predictions_{config.split}.jsonl")
+    for flag, path in (("--predictions", predictions if config.data else ""), ("--json", config.json)):
         if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))
                      or not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)
                      or (os.path.exists(path) and not os.access(path, os.W_OK))):
             raise ValueError(f"{flag}={path}: cannot write a file there (a folder, a missing or read-only "
                              "parent folder); give a file path")
-    seed_everything(cfg.seed)
-    model = (load_untrained(cfg.checkpoint, device) if cfg.untrained
-             else LLaVASLT.load(cfg.checkpoint, VCPModel.load, dtype=dtype, device=device)).to(device, dtype)
+    seed_everything(config.seed)
+    model = (load_untrained(config.checkpoint, device) if config.untrained
+             else LLaVASLT.load(config.checkpoint, VCPModel.load, dtype=dtype, device=device)).to(device, dtype)
     tok = Tokenizer.from_pretrained(model.config["llm"])
     system = model.config["system"]
     vc = model.visual_encoder.cfg
     transform = VideoTransform(vc.image_size, vc.resize, train=False)
 
-    if cfg.video:
-        frames = transform(read_video(cfg.video, sample=lambda n: sample_indices(n, vc.max_frames, vc.stride)))
-        batch = collate_clips([{"id": cfg.video, "frames": frames, "text": "", "index": 0}])
-        print(translate(model, tok, system, batch, cfg, device)[0])
+    if config.video:
+        frames = transform(read_video(config.video, sample=lambda n: sample_indices(n, vc.max_frames, vc.stride)))
+        batch = collate_clips([{"id": config.video, "frames": frames, "text": "", "index": 0}])
+        print(translate(model, tok, system, batch, config, device)[0])
         return
 
-    rows = load_rows(cfg.data, cfg.split)
-    language, level = language_of(cfg.data)
+    rows = load_rows(config.data, config.split)
+    language, level = language_of(config.data)
     dataset = ClipDataset(rows, transform, max_frames=vc.max_frames, stride=vc.stride, train=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate_clips,
-                                         num_workers=cfg.num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, collate_fn=collate_clips,
+                                         num_workers=config.num_workers)
     hyps, refs, ids = [], [], []
-    for batch in tqdm(loader, desc=f"translating {cfg.split}", total=math.ceil(len(dataset) / cfg.batch_size),
+    for batch in tqdm(loader, desc=f"translating {config.split}", total=math.ceil(len(dataset) / config.batch_size),
                       dynamic_ncols=True, disable=None):
-        hyps += translate(model, tok, system, batch, cfg, device)
+        hyps += translate(model, tok, system, batch, config, device)
         refs += batch["texts"]
         ids += batch["ids"]
     scores = score(hyps, refs, level)
@@ -212,12 +213,12 @@ def main(argv):
     with open(path, "w", encoding="utf-8") as f:
         for i, h, r in zip(ids, hyps, refs):
             f.write(json.dumps({"id": i, "hypothesis": h, "reference": r}, ensure_ascii=False) + "\n")
-    print(f"{cfg.split}: {len(hyps)} clips, {level}-level, references as the dataset gives them")
+    print(f"{config.split}: {len(hyps)} clips, {level}-level, references as the dataset gives them")
     print(" | ".join(f"{k.upper():>6}" for k in scores))
     print(" | ".join(f"{v:6.2f}" for v in scores.values()))
     print(f"predictions: {path}")
-    if cfg.json:
-        with open(cfg.json, "w") as f:
+    if config.json:
+        with open(config.json, "w") as f:
             json.dump(scores, f, indent=2)
 
 

@@ -14,7 +14,7 @@ Imports nothing of ours: a fork can copy it alone.
 """
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # LLaVA's convention: labels that take no loss (data.py builds them)
@@ -37,16 +37,16 @@ def _full_precision(x: torch.Tensor):
 class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
+        parts = [torch.empty_like(x) for _ in range(torch_dist.get_world_size())]
+        torch_dist.all_gather(parts, x.contiguous())
         return torch.cat(parts, dim=0)  # (W*b, D)
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
-        dist.all_reduce(grad)  # every rank's loss sends its gradient of these rows back
-        b = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * b:(dist.get_rank() + 1) * b]
+        torch_dist.all_reduce(grad)  # every rank's loss sends its gradient of these rows back
+        b = grad.shape[0] // torch_dist.get_world_size()
+        return grad[torch_dist.get_rank() * b:(torch_dist.get_rank() + 1) * b]
 
 
 def all_gather(x: torch.Tensor) -> torch.Tensor:
@@ -58,9 +58,9 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_equal_batches(b: int, device: torch.device) -> None:
-    world = dist.get_world_size()
+    world = torch_dist.get_world_size()
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([b], dtype=torch.long, device=device))
+    torch_dist.all_gather(sizes, torch.tensor([b], dtype=torch.long, device=device))
     sizes = [int(s.item()) for s in sizes]
     if len(set(sizes)) != 1:
         raise ValueError(f"clip_loss: ranks have different batch sizes {sizes}; all_gather needs "
@@ -90,7 +90,7 @@ def clip_loss(video_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale) -> t
     with _full_precision(video_emb):
         v = F.normalize(_at_least_fp32(video_emb), dim=-1)  # (B, D)
         t = F.normalize(_at_least_fp32(text_emb), dim=-1)  # (B, D)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
             _check_equal_batches(v.shape[0], v.device)
             v, t = all_gather(v), all_gather(t)  # (W*B, D) each
         if torch.is_tensor(logit_scale):

@@ -43,7 +43,8 @@ from synth import synthesize  # noqa: E402
 from losses import lm_loss  # noqa: E402
 from model import LLM, LLaVASLT  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
-from training import Dist, cli, parse_config, seed_everything  # noqa: E402
+from cli import Dist, cli, parse_config  # noqa: E402
+from training import seed_everything  # noqa: E402
 from vision import VCPModel  # noqa: E402
 
 PY = sys.executable
@@ -88,7 +89,7 @@ def torchrun(args, timeout=300):
 # number CRASH_AT of a script's `fit`, after the --save_every checkpoints before it were written.
 _CRASH = """
 import os, sys
-import training
+import cli, training
 script, crash_at = sys.argv[1], int(sys.argv[2])
 module = __import__(script)
 def fit(model, train_step, *args, **kwargs):
@@ -100,7 +101,7 @@ def fit(model, train_step, *args, **kwargs):
         return train_step(model, batch)
     return training.fit(model, step, *args, **kwargs)
 module.fit = fit
-training.cli(module.main, sys.argv[3:])
+cli.cli(module.main, sys.argv[3:])
 """
 
 
@@ -493,7 +494,7 @@ def test_vlt_labels_are_the_answer_and_the_end_of_turn_token(pipe):
 
 # ============================================================================ 6. user errors through the CLIs
 # Each kind once as a subprocess (the real command line); the same error of the other scripts
-# in-process through `training.cli`, what their `__main__` calls (a subprocess costs seconds).
+# in-process through `cli.cli`, what their `__main__` calls (a subprocess costs seconds).
 
 def cli_error(main, argv, capsys) -> str:
     capsys.readouterr()
@@ -812,20 +813,3 @@ def test_vcp_objective_is_clip_plus_weighted_signcl():
     torch.manual_seed(1)
     ref, = torch.autograd.grad(0.25 * signcl_loss(words, out["word_mask"], text_words), words)
     torch.testing.assert_close(grad, ref)             # the word features learn from SignCL, weighted
-
-
-def test_cpt_dataset_supervises_blocks_fully_and_pairs_on_the_answer():
-    rows = [{"text": "am montag regnet es im norden ."}, {"text": "morgen gibt es viel sonne ."},
-            {"gloss": "MONTAG NORD REGEN", "text": "am montag regnet es im norden ."}]
-    tok = Tokenizer.train([r["text"] for r in rows] + ["MONTAG NORD REGEN"], kind="wordlevel")
-    ds = train_cpt.CorpusDataset(tok, rows, block_size=8, language="German", gloss_repeat=1, seed=0)
-    assert len(ds.blocks) == 1 and len(ds.pairs) == 1 and len(ds) == 2
-    block = ds[0]
-    assert block["labels"] == block["input_ids"] and len(block["input_ids"]) == 8     # every token supervised
-    pair = ds[1]
-    supervised = [t for t, y in zip(pair["input_ids"], pair["labels"]) if y != IGNORE]
-    assert [y for y in pair["labels"] if y != IGNORE] == supervised
-    answer = tok.encode("am montag regnet es im norden .")
-    assert supervised[:len(answer)] == answer and len(supervised) == len(answer) + 1   # + the end-of-turn token
-    assert tok.decode(supervised[len(answer):], skip_special_tokens=False).strip() in ("<|im_end|>", "<|eot_id|>")
-    assert "MONTAG" in tok.decode(pair["input_ids"]) and tok.encode("MONTAG")[0] not in supervised
