@@ -276,7 +276,7 @@ def bench_vlt_cache(tmp: str, device, quick: bool) -> dict:
     rows = load_rows(data, "train")
     tok, model = _demo_models(data, device)
     system = system_prompt("German")
-    vc = model.visual_encoder.cfg
+    vc = model.visual_encoder.config
     model.visual_encoder.eval()  # frozen: eval mode, as build_cache runs it
     optimizer = make_optimizer(model, 1e-3, 1e-3)
     dist = Dist(device=torch.device(device))
@@ -423,7 +423,7 @@ def activation_estimate(model, frames_per_batch: int, device, precision: str) ->
     recompute of one chunk (--vit_chunk_size frames). The hierarchical encoder's share is
     small beside it (its tokens are the frames' CLS features, not their patches)."""
     from training import autocast
-    vit, size = model.vit, model.cfg.image_size
+    vit, size = model.vit, model.config.image_size
     x = torch.zeros(2, 3, size, size, device=device)
     was_training, ckpt = vit.training, vit.grad_checkpointing
     vit.train()
@@ -647,11 +647,11 @@ def bench_vcp_mfu(device, quick: bool, peak) -> dict:
     from training import make_optimizer
     B, T = (2, 8) if quick else (4, 32)
     model = _vcp_model(device, quick).train()
-    size = model.cfg.image_size
+    size = model.config.image_size
     optimizer = make_optimizer(model, 2e-4, 1e-5)
     frames = torch.randn(B, T, 3, size, size, device=device)
     frame_mask = torch.ones(B, T, dtype=torch.bool, device=device)
-    text = torch.randn(B, model.cfg.text_dim, device=device)  # the frozen teacher's embeddings, precomputed
+    text = torch.randn(B, model.config.text_dim, device=device)  # the frozen teacher's embeddings, precomputed
     text_words = torch.full((B,), 12, device=device)
 
     def step():
@@ -664,8 +664,8 @@ def bench_vcp_mfu(device, quick: bool, peak) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     row = _mfu_row(step, B, "clips", peak, 3 if quick else 10, device)
-    row["shape"] = (f"{B} clips x {T} frames at {size} px, ViT {model.cfg.vit.hidden_size}-d x "
-                    f"{model.cfg.vit.num_hidden_layers} + LoRA, bf16 autocast")
+    row["shape"] = (f"{B} clips x {T} frames at {size} px, ViT {model.config.vit.hidden_size}-d x "
+                    f"{model.config.vit.num_hidden_layers} + LoRA, bf16 autocast")
     return row
 
 
@@ -686,7 +686,7 @@ def bench_vcp_peak(device, quick: bool) -> dict:
     frames = torch.randn(B, T, 3, 336, 336, device=device)
     with _autocast(device):
         out = model(frames, torch.ones(B, T, dtype=torch.bool, device=device),
-                    text_sentence=torch.randn(B, model.cfg.text_dim, device=device))
+                    text_sentence=torch.randn(B, model.config.text_dim, device=device))
         loss = clip_loss(out["video_emb"], out["text_emb"], out["logit_scale"])
     loss.backward()
     optimizer.step()
@@ -745,10 +745,10 @@ def bench_eval_speed(device, llm_shape: str, quick: bool) -> dict:
     vcp = _vcp_model(device, quick).to(torch.bfloat16).eval()
     llm = _llm_bf16(llm_shape, device).eval()
     model = LLaVASLT(llm, Connector(768, llm.config.hidden_size).to(device, torch.bfloat16), vcp).eval()
-    size = vcp.cfg.image_size
+    size = vcp.config.image_size
     frames = torch.randn(B, T, 3, size, size, device=device, dtype=torch.bfloat16)
     frame_mask = torch.ones(B, T, dtype=torch.bool, device=device)
-    n_words = math.ceil(T / vcp.cfg.hier.step)
+    n_words = math.ceil(T / vcp.config.hier.step)
     prefix, suffix = 40, 5
     L = prefix + n_words + suffix
     ids = torch.randint(0, llm.config.vocab_size, (B, L), device=device)

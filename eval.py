@@ -176,7 +176,8 @@ def main(argv):
     dtype = getattr(torch, "bfloat16" if device.type == "cuda" else "float32") if config.dtype == "auto" \
         else getattr(torch, config.dtype)
     # the outputs are checked before the work, not after translating a whole split
-    predictions = config.predictions or os.path.join(checkpoint_folder(config.checkpoint), f"predictions_{config.split}.jsonl")
+    predictions = config.predictions or os.path.join(checkpoint_folder(config.checkpoint),
+                                                     f"predictions_{config.split}.jsonl")
     for flag, path in (("--predictions", predictions if config.data else ""), ("--json", config.json)):
         if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))
                      or not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)
@@ -188,7 +189,7 @@ def main(argv):
              else LLaVASLT.load(config.checkpoint, VCPModel.load, dtype=dtype, device=device)).to(device, dtype)
     tok = Tokenizer.from_pretrained(model.config["llm"])
     system = model.config["system"]
-    vc = model.visual_encoder.cfg
+    vc = model.visual_encoder.config
     transform = VideoTransform(vc.image_size, vc.resize, train=False)
 
     if config.video:

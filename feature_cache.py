@@ -57,7 +57,7 @@ def build_cache(path, model: LLaVASLT, rows, dist, batch_size, num_workers, key)
                  else f"word features: {path} was made by another encoder or data; rebuilding it")
     if dist.is_main and not fresh:
         vcp = model.visual_encoder
-        config = vcp.cfg  # how the frames are prepared for this encoder
+        config = vcp.config  # how the frames are prepared for this encoder
         dataset = ClipDataset(rows, VideoTransform(config.image_size, config.resize, train=False),
                               max_frames=config.max_frames, stride=config.stride, train=False)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_clips,

@@ -546,7 +546,7 @@ def save_vcp(model: nn.Module, folder: str):
     _save_safetensors({k: v for k, v in model.state_dict().items() if not k.startswith("text_encoder.")},
                       os.path.join(folder, "model.safetensors"))
     _write_json(os.path.join(folder, "config.json"),
-                dict(dataclasses.asdict(model.cfg), lora_targets=list(model.cfg.lora_targets)))
+                dict(dataclasses.asdict(model.config), lora_targets=list(model.config.lora_targets)))
 
 
 def read_vcp_config(folder: str):

@@ -155,7 +155,7 @@ def main(argv):
     # the teacher's folder, relative to the output folder so the tree can move; a teacher made
     # from the LLM is written beside the visual encoder as a real mBART-format folder
     teacher = os.path.join(config.out, "text_encoder") if config.text_from_llm else config.text_encoder
-    model.cfg.text_encoder_path = os.path.relpath(os.path.abspath(teacher), os.path.abspath(config.out))
+    model.config.text_encoder_path = os.path.relpath(os.path.abspath(teacher), os.path.abspath(config.out))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dist.log(f"{len(rows)} clips ({language}); VCP model {n_train / 1e6:.2f}M trainable parameters")
     trainable_in_fp32(model)

@@ -143,7 +143,7 @@ def build_model(config: VLTConfig, dtype) -> tuple:
         raise ValueError("give --cpt (an LLM folder) and --vcp (a visual encoder folder), or --init")
     llm = LLM.from_pretrained(config.cpt, dtype=dtype)
     visual = VCPModel.load(config.vcp)
-    connector = Connector(visual.cfg.hier.dim, llm.config.hidden_size, config.connector)
+    connector = Connector(visual.config.hier.dim, llm.config.hidden_size, config.connector)
     return LLaVASLT(llm, connector, visual, config.visual_tokens), config.cpt, config.vcp
 
 
@@ -169,11 +169,11 @@ def set_trainable(model: LLaVASLT, config: VLTConfig):
     on_path = ("hier.input_proj.", "hier.local.")
     if config.visual_tokens == "sentence":
         on_path += ("hier.query",) + tuple(f"hier.full.layers.{i}."
-                                           for i in range(model.visual_encoder.cfg.hier.full_layers - 1))
+                                           for i in range(model.visual_encoder.config.hier.full_layers - 1))
     apply_lora(model.llm, tuple(config.lora_targets.split(",")), config.lora_r, config.lora_alpha)
     for name, p in model.visual_encoder.named_parameters():
         p.requires_grad_(name.startswith(on_path + ("frame_proj.",)) or ".lora_" in name
-                         or (model.visual_encoder.cfg.vit_tuning == "full" and name.startswith("vit.")
+                         or (model.visual_encoder.config.vit_tuning == "full" and name.startswith("vit.")
                              and "mask_token" not in name))
 
 
@@ -225,7 +225,7 @@ def main(argv):
     tok.check_fits(model.llm.config.vocab_size, cpt)
     set_trainable(model, config)
     if config.full_tune:  # frames through the encoder that trains
-        dataset, collate, dev = video_data(config, model.visual_encoder.cfg, rows, dev_rows, tok, system)
+        dataset, collate, dev = video_data(config, model.visual_encoder.config, rows, dev_rows, tok, system)
     else:
         dataset, collate, dev = cached_data(config, model, rows, dev_rows, tok, system, vcp, visual_sha256,
                                             cache_dir, dist)

@@ -526,29 +526,32 @@ class VCPConfig:
 
 
 class VCPModel(nn.Module):
-    def __init__(self, cfg: VCPConfig, text_encoder: TextEncoder | None = None):
+    def __init__(self, config: VCPConfig, text_encoder: TextEncoder | None = None):
         super().__init__()
-        vit_kwargs = dict(chunk_size=cfg.vit_chunk_size, grad_checkpointing=cfg.grad_checkpointing)
-        self.vit = ViT.from_pretrained(cfg.vit_path, **vit_kwargs) if cfg.vit_path else ViT(cfg.vit, **vit_kwargs)
-        cfg = replace(cfg, vit=self.vit.config)  # a DINOv2 folder's config replaces cfg.vit
-        if cfg.vit_tuning in ("lora", "frozen"):
+        vit_kwargs = dict(chunk_size=config.vit_chunk_size, grad_checkpointing=config.grad_checkpointing)
+        if config.vit_path:
+            self.vit = ViT.from_pretrained(config.vit_path, **vit_kwargs)
+        else:
+            self.vit = ViT(config.vit, **vit_kwargs)
+        config = replace(config, vit=self.vit.config)  # a DINOv2 folder's config replaces config.vit
+        if config.vit_tuning in ("lora", "frozen"):
             self.vit.requires_grad_(False)
         if self.vit.embeddings.mask_token is not None:  # a parameter never given a gradient stops DDP
             self.vit.embeddings.mask_token.requires_grad_(False)
-        if cfg.vit_tuning == "lora":
-            self.vit.add_lora(cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
-        D, grid = cfg.vit.hidden_size, cfg.image_size // cfg.vit.patch_size
-        if cfg.frame_pool == "flat":  # every patch token of a frame, concatenated and projected
+        if config.vit_tuning == "lora":
+            self.vit.add_lora(config.lora_targets, config.lora_r, config.lora_alpha, config.lora_dropout)
+        D, grid = config.vit.hidden_size, config.image_size // config.vit.patch_size
+        if config.frame_pool == "flat":  # every patch token of a frame, concatenated and projected
             self.frame_proj = nn.Linear(grid * grid * D, D)
         # the hierarchical encoder reads frame features, whose width is the ViT's
-        cfg = replace(cfg, hier=replace(cfg.hier, input_dim=D))
+        config = replace(config, hier=replace(config.hier, input_dim=D))
         if text_encoder is not None:
-            cfg = replace(cfg, text_dim=text_encoder.config.d_model, text_encoder_path=text_encoder.path)
-        self.cfg = cfg
-        self.hier = HierarchicalEncoder(cfg.hier)
-        self.video_proj = nn.Linear(cfg.hier.dim, cfg.clip_dim)
-        self.text_proj = nn.Linear(cfg.text_dim, cfg.clip_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
+            config = replace(config, text_dim=text_encoder.config.d_model, text_encoder_path=text_encoder.path)
+        self.config = config
+        self.hier = HierarchicalEncoder(config.hier)
+        self.video_proj = nn.Linear(config.hier.dim, config.clip_dim)
+        self.text_proj = nn.Linear(config.text_dim, config.clip_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
         self.text_encoder = text_encoder
         if text_encoder is not None:
             text_encoder.requires_grad_(False).eval()
@@ -560,12 +563,12 @@ class VCPModel(nn.Module):
         return self
 
     def frame_features(self, pixel_values):  # (N, 3, H, W) -> (N, D)
-        if self.cfg.frame_pool == "cls":
+        if self.config.frame_pool == "cls":
             return self.vit(pixel_values)
         tokens = self.vit(pixel_values, all_tokens=True)[:, self.vit.num_prefix_tokens:]  # (N, h*w, D)
         if tokens.shape[1] * tokens.shape[2] != self.frame_proj.in_features:
             raise ValueError(f"frame_pool flat: frames of {tuple(pixel_values.shape[-2:])} px do not match "
-                             f"image_size {self.cfg.image_size}")
+                             f"image_size {self.config.image_size}")
         return self.frame_proj(tokens.flatten(1))  # (N, D)
 
     def encode_video(self, frames, frame_mask=None) -> dict:
@@ -597,7 +600,7 @@ class VCPModel(nn.Module):
 
     def clip_scale(self):
         """The multiplier of the CLIP logits: exp of the learnt log, never over logit_scale_max (CLIP: 100)."""
-        return self.logit_scale.clamp(max=math.log(self.cfg.logit_scale_max)).exp()
+        return self.logit_scale.clamp(max=math.log(self.config.logit_scale_max)).exp()
 
     def save(self, folder: str):
         """config.json (every sub-config, the text encoder's folder) + model.safetensors (all but the text encoder)."""
@@ -605,16 +608,16 @@ class VCPModel(nn.Module):
 
     @classmethod
     def load(cls, folder: str, with_text_encoder: bool = False, dtype=torch.float32, device="cpu") -> "VCPModel":
-        folder, config, path = hf.read_vcp_config(folder)
-        cfg = VCPConfig.from_dict(config, where=path)
+        folder, saved, path = hf.read_vcp_config(folder)
+        config = VCPConfig.from_dict(saved, where=path)
         text_encoder = None
         if with_text_encoder:
-            if not cfg.text_encoder_path:
+            if not config.text_encoder_path:
                 raise ValueError(f"{path}: text_encoder_path is empty; this model was saved without a text encoder")
             # relative to this folder (train_vcp.py writes it so)
-            text_encoder = load_text_encoder(os.path.join(folder, cfg.text_encoder_path), dtype=dtype, device=device)
+            text_encoder = load_text_encoder(os.path.join(folder, config.text_encoder_path), dtype=dtype, device=device)
         with torch.device(device):  # the ViT weights are in model.safetensors: vit_path is not read again
-            model = cls(replace(cfg, vit_path=""), text_encoder).to(dtype)
-        model.cfg = replace(model.cfg, vit_path=cfg.vit_path, text_encoder_path=cfg.text_encoder_path)
+            model = cls(replace(config, vit_path=""), text_encoder).to(dtype)
+        model.config = replace(model.config, vit_path=config.vit_path, text_encoder_path=config.text_encoder_path)
         hf.load_strict(model, *hf.read_weights(folder), skip=lambda k: k.startswith("text_encoder."))
         return model

@@ -400,7 +400,7 @@ def test_cached_features_equal_frames_through_the_frozen_encoder(pipe):
     picked = rows[:4]
     cached = train_vlt.CachedVLTDataset(picked, features, tok, model.config["system"])
     batch = train_vlt.collate_cached([cached[i] for i in range(4)], tok.pad_token_id)
-    vc = model.visual_encoder.cfg
+    vc = model.visual_encoder.config
     clips = ClipDataset(picked, VideoTransform(vc.image_size, vc.resize, train=False), max_frames=vc.max_frames,
                         stride=vc.stride, train=False)        # the frames the cache was built from
     video = train_vlt.VideoVLTDataset(clips, tok, model.config["system"], lambda T: math.ceil(T / vc.hier.step))
@@ -790,7 +790,7 @@ def test_vcp_with_an_llm_as_text_supervisor(pipe, tmp_path):
         + VCP_FLAGS[:-2] + ["--max_steps=1"])
     from vision import LLMTextEncoder
     model = VCPModel.load(str(out), with_text_encoder=True)
-    assert isinstance(model.text_encoder, LLMTextEncoder) and model.cfg.text_dim == 32   # the CPT LLM's width
+    assert isinstance(model.text_encoder, LLMTextEncoder) and model.config.text_dim == 32   # the CPT LLM's width
 
 
 def test_vcp_objective_is_clip_plus_weighted_signcl():

@@ -350,7 +350,7 @@ def test_vcp_lora_gradients_reach_only_adapters(tmp_path):
     folder = str(tmp_path / "mbart")
     hf_mbart(folder)
     model = tiny_vcp(TextEncoder.from_pretrained(folder)).train()
-    assert model.cfg.text_dim == 32 and model.cfg.hier.input_dim == 32
+    assert model.config.text_dim == 32 and model.config.hier.input_dim == 32
     assert not model.text_encoder.training
     frames, mask = video_batch()
     ids, tmask = model.text_encoder.tokenize(["regen wind", "sonne"])
@@ -372,7 +372,7 @@ def test_vcp_logit_scale_is_clamped_with_a_fresh_text_encoder():
     enc = TextEncoder(TextEncoderConfig(vocab_size=24, d_model=16, encoder_layers=1, encoder_attention_heads=2,
                                         encoder_ffn_dim=32, max_position_embeddings=8, pool="mean"))
     model = tiny_vcp(enc, logit_scale_init=1000.0)
-    assert model.cfg.text_dim == 16 and model.cfg.text_encoder_path == ""
+    assert model.config.text_dim == 16 and model.config.text_encoder_path == ""
     frames, mask = video_batch()
     ids = torch.tensor([[5, 6, 2], [7, 2, 1]])
     out = model(frames, mask, ids, ids != 1)
@@ -392,7 +392,7 @@ def test_vcp_save_load_round_trip(tmp_path):
     model.save(str(tmp_path / "vcp"))
     assert not any(k.startswith("text_encoder.") for k in load_file(str(tmp_path / "vcp" / "model.safetensors")))
     again = VCPModel.load(str(tmp_path / "vcp"), with_text_encoder=True).eval()
-    assert again.cfg == model.cfg
+    assert again.config == model.config
     frames, mask = video_batch()
     ids, tmask = model.text_encoder.tokenize(["regen wind", "sonne"])
     with torch.no_grad():
