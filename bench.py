@@ -218,7 +218,8 @@ def _demo_models(data: str, device):
     """The demo's shapes (demo.py): a tokenizer trained on the corpus, a tiny Qwen2 LLM
     (hidden 128, 3 layers) and a VCP encoder (64-d 2-layer ViT on 32 px, flat pooling,
     1 local + 1 full layer of width 128), random weights: speed does not depend on them."""
-    from data import read_corpus, system_prompt
+    from data import system_prompt
+    from readers import read_corpus
     from model import Connector, LLaVASLT
     from tokenizer import Tokenizer
     from vision import HierarchicalConfig, VCPConfig, VCPModel, ViTConfig
@@ -261,7 +262,8 @@ def bench_vlt_cache(tmp: str, device, quick: bool) -> dict:
     cached word features, against one that decodes the videos and runs the frozen visual
     encoder every step (what training without the cache would do). The one-off cache build
     is timed on its own."""
-    from data import chat_prefix_ids, load_rows, system_prompt
+    from data import chat_prefix_ids, system_prompt
+    from readers import load_rows
     from synth import synthesize
     from losses import lm_loss
     from model import PrefixCache

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as torch_dist
 from safetensors.torch import save_file
 
-from hf import RUN_MARKER, checkpoint_folder, is_ours, read_json, read_safetensors
-from model import copy_strict
+from errors import MissingFileError, UserError
+from hf import RUN_MARKER, checkpoint_folder, copy_strict, is_ours, read_json, read_safetensors
 
 # A checkpoint is a folder: the stage's weights (`model.safetensors` or whatever the script's
 # writer puts there), `config.json`, `llava_slt_run.json` (the marker: which stage wrote the
@@ -100,20 +100,20 @@ def check_out(folder: str, stage: str, **inputs):
     for name, path in inputs.items():
         real = os.path.realpath(path) if path else None
         if real is not None and (real == out_real or real.startswith(out_real + os.sep)):
-            raise ValueError(f"--out={folder} is also where --{name}={path} is read from; a run never writes "
+            raise UserError(f"--out={folder} is also where --{name}={path} is read from; a run never writes "
                              "over its inputs: choose another --out")
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ValueError(f"--out={folder}: is a file; give a folder")
+        raise UserError(f"--out={folder}: is a file; give a folder")
     marker = _marker(folder) if os.path.isdir(folder) else None
     if os.path.isdir(folder) and os.listdir(folder) and marker is None:
-        raise ValueError(f"--out={folder}: exists and was not written by a llava-slt run (no {RUN_MARKER}); "
+        raise UserError(f"--out={folder}: exists and was not written by a llava-slt run (no {RUN_MARKER}); "
                          "nothing in it is replaced: choose another folder")
     if marker is not None and marker.get("stage") != stage:
-        raise ValueError(f"--out={folder}: holds the output of a {marker.get('stage')} run, this is {stage}; "
+        raise UserError(f"--out={folder}: holds the output of a {marker.get('stage')} run, this is {stage}; "
                          "choose another folder")
     old = folder + ".old"
     if os.path.exists(old) and not is_ours(old) and not _empty_dir(old):
-        raise ValueError(f"{old}: exists and was not written by a llava-slt run; a save renames {folder} "
+        raise UserError(f"{old}: exists and was not written by a llava-slt run; a save renames {folder} "
                          "there for a moment: move it away")
 
 
@@ -176,10 +176,10 @@ def _cpu_tensors(tensors: dict) -> dict:
 def _read_train_state(path: str) -> dict:
     meta_path = os.path.join(path, "state.json")
     if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{meta_path}: missing; the checkpoint holds no resume state")
+        raise MissingFileError(f"{meta_path}: missing; the checkpoint holds no resume state")
     meta = read_json(meta_path, "resume state")
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')}, this code reads format {FORMAT}")
+        raise UserError(f"{meta_path}: format {meta.get('format')}, this code reads format {FORMAT}")
     state = {}
     for key, v in read_safetensors(os.path.join(path, "optimizer.safetensors")).items():
         _, idx, name = key.split(".", 2)
@@ -275,7 +275,7 @@ def load_checkpoint(folder: str) -> dict:
     "train_state": train_state/ or None} of a folder written by `save_checkpoint`."""
     folder = checkpoint_folder(folder)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no such checkpoint folder")
+        raise MissingFileError(f"{folder}: no such checkpoint folder")
     weights, config_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
     ts = os.path.join(folder, TRAIN_STATE)
     return {"tensors": read_safetensors(weights) if os.path.isfile(weights) else None,
@@ -336,7 +336,7 @@ def _trainable(model) -> dict:
 def capture_train_state(step: int, optimizer, model, sampler_state: dict, dist, scaler=None,
                         extra: Optional[dict] = None) -> dict:
     """Everything a resume needs, in memory. Collective under DDP (every rank's RNG is gathered
-    to all), so every rank calls it; only rank 0 then writes it. dist: training.Dist."""
+    to all), so every rank calls it; only rank 0 then writes it. dist: cli.Dist."""
     rng = rng_state(dist.device)
     if dist.ddp:
         every = [None] * dist.world_size
@@ -354,7 +354,7 @@ def restore_train_state(state: dict, optimizer=None, model=None, sampler=None, s
     """Put a `load_checkpoint(...)["train_state"]` back: the trainable weights into `model`,
     the optimizer, the GradScaler, this rank's RNG, the sampler's (epoch, position).
     Returns {"step", "epoch", "position"} (the position converted if the world size changed).
-    dist: training.Dist (default: one process on the CPU)."""
+    dist: cli.Dist (default: one process on the CPU)."""
     rank, world_size, device = (dist.rank, dist.world_size, dist.device) if dist is not None else (0, 1, None)
     path = state.get("path", TRAIN_STATE)
     if model is not None:
@@ -380,7 +380,7 @@ def restore_train_state(state: dict, optimizer=None, model=None, sampler=None, s
 def resume_run(folder: str, optimizer, model, scaler, dist, batches) -> Optional[tuple]:
     """(step, best, bad_evals) of the run in `folder`, put back from its train_state/ (weights,
     optimizer, GradScaler, RNG, the position of `batches`, validation's best so far); None
-    when there is none. dist: training.Dist."""
+    when there is none. dist: cli.Dist."""
     path = os.path.join(folder, TRAIN_STATE)
     if not os.path.isdir(path):
         dist.log(f"--resume: no checkpoint in {folder}, starting at step 0")
@@ -395,19 +395,19 @@ def resume_run(folder: str, optimizer, model, scaler, dist, batches) -> Optional
 def _load_optimizer(optimizer, saved: dict, where: str):
     groups = optimizer.param_groups
     if len(saved["param_groups"]) != len(groups):
-        raise ValueError(f"{where}: {len(saved['param_groups'])} parameter groups, the optimizer has {len(groups)}")
+        raise UserError(f"{where}: {len(saved['param_groups'])} parameter groups, the optimizer has {len(groups)}")
     flat = [p for g in groups for p in g["params"]]
     for i, (sg, g) in enumerate(zip(saved["param_groups"], groups)):
         if len(sg["params"]) != len(g["params"]):
-            raise ValueError(f"{where}: group {i} holds {len(sg['params'])} parameters, "
+            raise UserError(f"{where}: group {i} holds {len(sg['params'])} parameters, "
                              f"the optimizer's {len(g['params'])}")
         if "param_names" in sg and "param_names" in g and sg["param_names"] != g["param_names"]:
             a, b = next((a, b) for a, b in zip(sg["param_names"], g["param_names"]) if a != b)
-            raise ValueError(f"{where}: group {i} has {a} where the optimizer has {b}")
+            raise UserError(f"{where}: group {i} has {a} where the optimizer has {b}")
     names = [n for g in groups for n in g.get("param_names", [None] * len(g["params"]))]
     for idx, entries in saved["state"].items():
         for k, v in entries.items():
             if torch.is_tensor(v) and v.ndim > 0 and v.shape != flat[idx].shape:
-                raise ValueError(f"{where}: state.{idx}.{k} has shape {tuple(v.shape)}, "
+                raise UserError(f"{where}: state.{idx}.{k} has shape {tuple(v.shape)}, "
                                  f"parameter {idx} ({names[idx]}) has {tuple(flat[idx].shape)}")
     optimizer.load_state_dict(saved)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as torch_dist
 from tqdm import tqdm
 
-from hf import CheckpointError
+from errors import UserError
 
 # ----------------------------------------------------------------------------- flags
 
@@ -45,7 +45,7 @@ def _type_name(tp) -> str:
 
 def _parse_value(key: str, text: str, tp):
     """`text` as a value of type `tp`; a ValueError naming the flag and the expected type."""
-    bad = ValueError(f"--{key}={text}: expected {_type_name(tp)}")
+    bad = UserError(f"--{key}={text}: expected {_type_name(tp)}")
     if _optional_of(tp) is not None:
         if text.strip().lower() in ("none", "null", ""):
             return None
@@ -113,24 +113,24 @@ def parse_config(cls, argv: Optional[list] = None):
             print(config_help(cls))
             raise SystemExit(0)
         if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}: options are written --key=value")
+            raise UserError(f"unexpected argument {arg!r}: options are written --key=value")
         key, eq, text = arg[2:].partition("=")
         key = key.replace("-", "_")
         if key not in names:
-            raise ValueError(f"unknown option --{key}; valid options: " + " ".join(f"--{n}" for n in names))
+            raise UserError(f"unknown option --{key}; valid options: " + " ".join(f"--{n}" for n in names))
         if not eq:
             nxt = argv[i] if i < len(argv) else None
             if hints[key] is bool and (nxt is None or nxt.lower() not in _TRUE + _FALSE):
                 text = "true"                                 # bare --flag
             elif nxt is None or nxt.startswith("--"):
-                raise ValueError(f"--{key} needs a value ({_type_name(hints[key])})")
+                raise UserError(f"--{key} needs a value ({_type_name(hints[key])})")
             else:
                 text, i = nxt, i + 1
         values[key] = _parse_value(key, text, hints[key])
     missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in values
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise ValueError("missing required option(s): " + " ".join(f"--{n}=..." for n in missing))
+        raise UserError("missing required option(s): " + " ".join(f"--{n}=..." for n in missing))
     return cls(**values)
 
 
@@ -138,7 +138,7 @@ def config_from_dict(cls, d: dict):
     """Rebuild a config from its config.json dict; unknown keys are an error."""
     unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls) if f.init})
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown key(s) {', '.join(unknown)}")
+        raise UserError(f"{cls.__name__}: unknown key(s) {', '.join(unknown)}")
     return cls(**d)
 
 
@@ -186,9 +186,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"--device={device}: expected auto, cpu, cuda or cuda:N") from None
+        raise UserError(f"--device={device}: expected auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device={device}: CUDA is not available on this machine (use --device=cpu)")
+        raise UserError(f"--device={device}: CUDA is not available on this machine (use --device=cpu)")
     return dev
 
 
@@ -215,14 +215,14 @@ def setup_distributed(device: str = "auto") -> Dist:
 # ----------------------------------------------------------------------------- errors
 
 def cli(main: Callable, argv: Optional[list] = None):
-    """Run `main(argv)` as a command: a user error (ValueError, FileNotFoundError, a checkpoint
-    whose keys do not fit, FloatingPointError of a diverged run) prints one line `error: ...`
-    and exits 1 instead of a traceback; anything else (a bug) shows its traceback.
+    """Run `main(argv)` as a command: an error the user caused (errors.UserError: a flag, a file,
+    a row, a checkpoint that does not fit, a diverged run) prints one line `error: ...` and
+    exits 1; anything else is a bug and shows its traceback.
     LLAVA_SLT_DEBUG=1 shows the traceback always. The process group, if any, is torn down."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         main(argv)
-    except (ValueError, FileNotFoundError, CheckpointError, FloatingPointError) as e:
+    except UserError as e:
         if os.environ.get("LLAVA_SLT_DEBUG"):
             raise
         msg = str(e)

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from losses import IGNORE_INDEX
-from readers import DataError, language_of, load_rows, read_corpus, read_video  # noqa: F401  (the scripts' data entry points)
+from errors import DataError, UserError
+from readers import read_video
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,9 +30,9 @@ def sample_indices(num_frames: int, max_frames=None, stride: int = 1, train: boo
     centre (deterministic), train a random frame inside each segment (and a random stride phase).
     """
     if num_frames < 1:
-        raise ValueError(f"sample_indices: a clip needs at least one frame, got {num_frames}")
+        raise UserError(f"sample_indices: a clip needs at least one frame, got {num_frames}")
     if stride < 1:
-        raise ValueError(f"sample_indices: stride must be >= 1, got {stride}")
+        raise UserError(f"sample_indices: stride must be >= 1, got {stride}")
     if train and rng is None:
         rng = np.random.default_rng()
     start = int(rng.integers(min(stride, num_frames))) if train and stride > 1 else 0
@@ -108,7 +109,7 @@ class VideoTransform:
                  color_jitter: float = 0.2, rotation: float = 5.0, flip_p: float = 0.5,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
         if size > resize:
-            raise ValueError(f"VideoTransform: crop size {size} is larger than the resize {resize}")
+            raise UserError(f"VideoTransform: crop size {size} is larger than the resize {resize}")
         self.size, self.resize, self.train = size, resize, train
         self.color_jitter, self.rotation, self.flip_p = color_jitter, rotation, flip_p
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
@@ -197,7 +198,7 @@ class ClipDataset(torch.utils.data.Dataset):
         self.videos = {} if cache_videos else None
 
     @property
-    def in_memory(self) -> bool:  # decoded clips kept: read in the main process (training.loader_workers)
+    def in_memory(self) -> bool:  # decoded clips kept: read in the main process (loader.loader_workers)
         return self.videos is not None
 
     def set_epoch(self, epoch: int):
@@ -269,12 +270,12 @@ def build_chat_example(tok, system, user, answer=None, visual_slot_id=None) -> d
     if answer is not None:
         answer = answer.strip()
         if not answer:
-            raise ValueError("build_chat_example: empty answer; every training example needs its target sentence")
+            raise UserError("build_chat_example: empty answer; every training example needs its target sentence")
     messages = [{"role": "system", "content": system}] if system is not None else []
     user_turn = {"role": "user", "content": _USER_SENTINEL}
     gen = tok.apply_chat_template(messages + [user_turn], add_generation_prompt=True, tokenize=False)
     if gen.count(_USER_SENTINEL) != 1:
-        raise ValueError("build_chat_example: the tokenizer's chat template does not copy the user "
+        raise UserError("build_chat_example: the tokenizer's chat template does not copy the user "
                          "content verbatim into the prompt; use a template that does")
     prefix, suffix = gen.split(_USER_SENTINEL)
     prefix_ids = tok.encode(prefix)
@@ -291,17 +292,17 @@ def build_chat_example(tok, system, user, answer=None, visual_slot_id=None) -> d
         full = tok.apply_chat_template(messages + [user_turn, {"role": "assistant", "content": answer}],
                                        add_generation_prompt=False, tokenize=False)
         if not full.startswith(gen):
-            raise ValueError("build_chat_example: the chat template renders the conversation with the "
+            raise UserError("build_chat_example: the chat template renders the conversation with the "
                              "answer differently from the generation prompt; labels cannot be aligned")
         tail = full[len(gen):]
         if not tail.startswith(answer):
-            raise ValueError(f"build_chat_example: the chat template changed the answer text "
+            raise UserError(f"build_chat_example: the chat template changed the answer text "
                              f"(rendered {tail[:60]!r}); use a template that copies it verbatim")
         answer_ids, end_ids = tok.encode(answer), tok.encode(tail[len(answer):])
         eos = set(tok.eos_token_ids)
         stop = next((k for k, t in enumerate(end_ids) if t in eos), None)
         if stop is None:
-            raise ValueError(f"build_chat_example: the assistant turn ends with {tail[len(answer):]!r}, "
+            raise UserError(f"build_chat_example: the assistant turn ends with {tail[len(answer):]!r}, "
                              f"which holds none of the tokenizer's eos ids {sorted(eos)}; fix the "
                              "tokenizer's eos tokens or generation would never stop")
         # supervise the answer and the end-of-turn token; what follows it (a newline) is not predicted

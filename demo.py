@@ -6,8 +6,6 @@ It runs the same scripts with the same flags a GPU user runs (README), only with
     training), and prints BLEU/ROUGE for the untrained pipeline, the language prior alone
     (text-only: the trained LLM with no visual tokens) and the trained model.
 Everything goes under --out (default out/demo); results.json holds the table.
-
-Also the VCP teacher of a from-scratch run (train_vcp.py --text_from_llm): `text_encoder_from_llm`.
 """
 
 import json
@@ -18,12 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
 from cli import cli, parse_config
-from hf import checkpoint_folder, read_safetensors
-from tokenizer import Tokenizer
-from vision import TextEncoder, TextEncoderConfig
 
 PY = sys.executable
 
@@ -43,33 +36,6 @@ class DemoConfig:
     # default, since a stage cut by the clock gives scores that depend on the machine's load
     stage_time_limit: Optional[float] = None
     fresh: bool = False              # regenerate the data and retrain every stage
-
-
-def text_encoder_from_llm(folder: str, lang_codes) -> TextEncoder:
-    """A teacher for from-scratch demos: the trained LLM's token embeddings, mean-pooled.
-
-    Sentences sharing words land close together, which a random frozen encoder does not give.
-    It is an mBART-format encoder with no layers, so the rest of the pipeline is unchanged;
-    lang_codes: mBART's language codes, added to the tokenizer as mBART has them.
-    """
-    folder = checkpoint_folder(folder)
-    tok = Tokenizer.from_pretrained(folder)
-    backend = tok.backend
-    backend.add_special_tokens(["</s>", *lang_codes])
-    path = os.path.join(folder, "model.safetensors")
-    embed = read_safetensors(path, keep=lambda k: k == "model.embed_tokens.weight").get("model.embed_tokens.weight")
-    if embed is None:
-        raise ValueError(f"{path}: no model.embed_tokens.weight; --text_from_llm takes a Qwen2/Llama folder")
-    embed = embed.float()  # (V, D)
-    encoder_config = TextEncoderConfig(vocab_size=backend.get_vocab_size(with_added_tokens=True),
-                                       d_model=embed.shape[1], encoder_layers=0, encoder_attention_heads=1,
-                                       encoder_ffn_dim=embed.shape[1], max_position_embeddings=512,
-                                       scale_embedding=False, pad_token_id=tok.pad_token_id, pool="mean")
-    enc = TextEncoder(encoder_config, backend, path="")
-    with torch.no_grad():
-        enc.embed_tokens.weight[:embed.shape[0]] = embed
-        enc.embed_positions.weight.zero_()  # a bag of words: order is what the video must supply
-    return enc.requires_grad_(False).eval()
 
 
 def run(title: str, args: list, log_dir: str):

@@ -21,12 +21,13 @@ import torch
 from sacrebleu.metrics import BLEU
 from tqdm import tqdm
 
-from data import (ClipDataset, VideoTransform, build_chat_example, collate_clips, collate_vlt, language_of,
-                  load_rows, read_video, sample_indices)
+from cli import cli, parse_config, resolve_device
+from data import ClipDataset, VideoTransform, build_chat_example, collate_clips, collate_vlt, sample_indices
+from errors import UserError
 from hf import checkpoint_folder, read_json
 from model import LLM, Connector, LLaVASLT, LLMConfig
 from tokenizer import Tokenizer
-from cli import cli, parse_config, resolve_device
+from readers import language_of, load_rows, read_video
 from training import seed_everything
 from vision import VCPConfig, VCPModel
 
@@ -77,12 +78,12 @@ def score(hyps, refs, level: str = "word") -> dict:
     Returns {"bleu1", "bleu2", "bleu3", "bleu4", "rouge"}, each in [0, 100].
     """
     if level not in ("word", "char"):
-        raise ValueError(f"score: level={level!r}; use 'word' or 'char'")
+        raise UserError(f"score: level={level!r}; use 'word' or 'char'")
     hyps, refs = list(hyps), list(refs)
     if len(hyps) != len(refs):
-        raise ValueError(f"score: {len(hyps)} hypotheses but {len(refs)} references; give one hypothesis per reference")
+        raise UserError(f"score: {len(hyps)} hypotheses but {len(refs)} references; give one hypothesis per reference")
     if not refs:
-        raise ValueError("score: no sentences to score (empty lists)")
+        raise UserError("score: no sentences to score (empty lists)")
     for name, sentences in (("hypothesis", hyps), ("reference", refs)):
         for i, s in enumerate(sentences):
             if not isinstance(s, str):
@@ -166,12 +167,12 @@ def translate(model: LLaVASLT, tok, system, batch, config: EvalConfig, device) -
 def main(argv):
     config = parse_config(EvalConfig, argv)
     if not config.checkpoint:
-        raise ValueError("--checkpoint is required: a LLaVA-SLT folder written by train_vlt.py")
+        raise UserError("--checkpoint is required: a LLaVA-SLT folder written by train_vlt.py")
     if bool(config.video) == bool(config.data):
-        raise ValueError("give --video (one clip) or --data with --split (a whole split)")
+        raise UserError("give --video (one clip) or --data with --split (a whole split)")
     device = resolve_device(config.device)
     if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype={config.dtype}: expected auto, float32, bfloat16 or float16")
+        raise UserError(f"--dtype={config.dtype}: expected auto, float32, bfloat16 or float16")
     # a 7B LLM in fp32 needs 28 GB and runs at half the speed; bf16 is what it was trained in
     dtype = getattr(torch, "bfloat16" if device.type == "cuda" else "float32") if config.dtype == "auto" \
         else getattr(torch, config.dtype)
@@ -182,7 +183,7 @@ def main(argv):
         if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))
                      or not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)
                      or (os.path.exists(path) and not os.access(path, os.W_OK))):
-            raise ValueError(f"{flag}={path}: cannot write a file there (a folder, a missing or read-only "
+            raise UserError(f"{flag}={path}: cannot write a file there (a folder, a missing or read-only "
                              "parent folder); give a file path")
     seed_everything(config.seed)
     model = (load_untrained(config.checkpoint, device) if config.untrained

@@ -2,8 +2,8 @@
 weights come from a folder and call in here for *how*. Hugging Face folders (config.json and
 safetensors weights, whole or sharded, read and written as transformers does), PEFT adapter
 folders, and this repository's VCP and LLaVA-SLT folders. A missing, truncated or corrupt
-file, or a key that does not fit, is one line naming the file (and the key): a ValueError,
-FileNotFoundError or CheckpointError, which the scripts' `cli` prints as one line.
+file, or a key that does not fit, is one line naming the file (and the key): an
+errors.UserError (MissingFileError, CheckpointError), which the scripts' `cli` prints as one line.
 
     read_json(path)                  a JSON file (config.json, state.json, adapter_config.json ...)
     read_safetensors(path, keep)     {name: tensor} of a .safetensors file (never a pickle)
@@ -27,14 +27,7 @@ import os
 import torch
 import torch.nn as nn
 
-
-class CheckpointError(KeyError):
-    """A checkpoint whose keys do not fit the model (missing, unexpected): one line naming the
-    file and the key. A KeyError, so `except KeyError` still sees it; the scripts' `cli` prints
-    it as one line, while any other KeyError (a bug, e.g. batch["frame"]) shows its traceback."""
-
-    def __str__(self):
-        return str(self.args[0]) if self.args else ""
+from errors import CheckpointError, MissingFileError, UserError
 
 
 # A run writes this file into every checkpoint folder it saves: {"stage", "files"}, the
@@ -46,12 +39,12 @@ RUN_MARKER = "llava_slt_run.json"
 def read_json(path: str, what: str = "file"):
     """The parsed JSON of `path`; a missing or half-written file raises one line naming it."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found ({what})")
+        raise MissingFileError(f"{path}: not found ({what})")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); the file is truncated or corrupt: "
+        raise UserError(f"{path}: not valid JSON ({e}); the file is truncated or corrupt: "
                          "write it again (re-run the stage that made it, or re-download it)") from None
 
 
@@ -64,7 +57,7 @@ def read_config(folder: str, what: str = "expected a Hugging Face model folder")
     """(config.json of `folder`, its path); `what` ends the error when there is none."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder}: no config.json; {what}")
+        raise MissingFileError(f"{folder}: no config.json; {what}")
     return read_json(path), path
 
 
@@ -103,7 +96,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 
 def _corrupt(path: str, reason: str) -> ValueError:
-    return ValueError(f"{path}: not a readable safetensors file ({reason}); it is truncated or corrupt: "
+    return UserError(f"{path}: not a readable safetensors file ({reason}); it is truncated or corrupt: "
                       "write it again (re-run the stage that made it, or re-download it)")
 
 
@@ -111,7 +104,7 @@ def _header(path: str):
     """({name: entry}, {metadata}, byte offset of the data) of a .safetensors file, checked
     against the file's size: a truncated file is named before anything is read."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found")
+        raise MissingFileError(f"{path}: not found")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
@@ -132,7 +125,7 @@ def _read_tensor(f, path: str, key: str, entry: dict, data_start: int, dtype=Non
     """One tensor from an open safetensors file, read into fresh memory (of `dtype` on `device`)."""
     src = _DTYPES.get(entry["dtype"])
     if src is None:
-        raise ValueError(f"checkpoint {path}: {key} has dtype {entry['dtype']}, which this loader does not read")
+        raise UserError(f"checkpoint {path}: {key} has dtype {entry['dtype']}, which this loader does not read")
     begin, end = entry["data_offsets"]
     out = torch.empty(entry["shape"], dtype=src)  # CPU; the result itself when no cast or move is needed
     buf = memoryview(out.view(-1).view(torch.uint8).numpy())
@@ -176,7 +169,7 @@ def copy_strict(own: dict, tensors: dict, where: str, source: dict = None):
         raise CheckpointError(f"{source.get(k, where)}: unexpected {k} (made for another model?)")
     for k, v in tensors.items():
         if v.shape != own[k].shape:
-            raise ValueError(f"{source.get(k, where)}: {k} has shape {tuple(v.shape)}, "
+            raise UserError(f"{source.get(k, where)}: {k} has shape {tuple(v.shape)}, "
                              f"the model expects {tuple(own[k].shape)}")
     with torch.no_grad():
         for k, v in tensors.items():
@@ -192,17 +185,17 @@ def weight_files(folder: str):
     if os.path.isfile(index_path):
         weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise ValueError(f"checkpoint {index_path}: no weight_map")
+            raise UserError(f"checkpoint {index_path}: no weight_map")
         for name in sorted(set(weight_map.values())):
             if not os.path.isfile(os.path.join(folder, name)):
-                raise FileNotFoundError(f"checkpoint {index_path}: shard {name} is missing from {folder}")
+                raise MissingFileError(f"checkpoint {index_path}: shard {name} is missing from {folder}")
         return {k: os.path.join(folder, v) for k, v in weight_map.items()}, index_path
     if os.path.isfile(single):
         return dict.fromkeys(_header(single)[0], single), single
     hint = (" (it has pytorch_model.bin, a pickle, which is not loaded: convert it once with "
             "transformers' save_pretrained(..., safe_serialization=True))"
             if os.path.isfile(os.path.join(folder, "pytorch_model.bin")) else "")
-    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json; a model folder holds "
+    raise MissingFileError(f"{folder}: no model.safetensors or model.safetensors.index.json; a model folder holds "
                             f"config.json and safetensors weights (pickled .bin files are not loaded){hint}")
 
 
@@ -231,7 +224,7 @@ def load_weights(module: nn.Module, folder: str, dtype, device, ignore=()):
                 raise CheckpointError(f"checkpoint {path}: missing {key} (the index lists it in this shard)")
             shape = tuple(headers[path][0][key]["shape"])
             if shape != tuple(expected[key].shape):
-                raise ValueError(f"checkpoint {path}: {key} has shape {shape}, "
+                raise UserError(f"checkpoint {path}: {key} has shape {shape}, "
                                  f"the config expects {tuple(expected[key].shape)}")
     modules = dict(module.named_modules())
     for path, keys in by_file.items():
@@ -271,7 +264,7 @@ def torch_dtype(d) -> torch.dtype:
     if isinstance(d, torch.dtype):
         return d
     if not isinstance(getattr(torch, str(d).removeprefix("torch."), None), torch.dtype):
-        raise ValueError(f"unknown dtype {d!r} (float32, bfloat16, float16)")
+        raise UserError(f"unknown dtype {d!r} (float32, bfloat16, float16)")
     return getattr(torch, str(d).removeprefix("torch."))
 
 
@@ -281,7 +274,7 @@ def llm_config(cls, d: dict, source: str = "config.json"):
     try:
         return cls(**fields)
     except ValueError as e:  # the config's own checks (__post_init__)
-        raise ValueError(f"{source}: {e}") from None
+        raise UserError(f"{source}: {e}") from None
 
 
 def llm_config_fields(d: dict, source: str = "config.json") -> dict:
@@ -289,15 +282,15 @@ def llm_config_fields(d: dict, source: str = "config.json") -> dict:
     spellings (rope_theta/rope_scaling or rope_parameters; torch_dtype or dtype)."""
     model_type = d.get("model_type")
     if model_type not in ("qwen2", "llama"):
-        raise ValueError(f"{source}: model_type {model_type!r} is not supported "
+        raise UserError(f"{source}: model_type {model_type!r} is not supported "
                          "(qwen2 for Qwen1.5/2/2.5, llama for Llama-3.x)")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in d:
-            raise ValueError(f"{source}: missing {key}")
+            raise UserError(f"{source}: missing {key}")
     if d.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (silu)")
+        raise UserError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (silu)")
     if d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or []):
-        raise ValueError(f"{source}: sliding-window attention is not supported; set use_sliding_window to false")
+        raise UserError(f"{source}: sliding-window attention is not supported; set use_sliding_window to false")
     rope = d.get("rope_parameters")
     if isinstance(rope, dict):  # transformers >= 5 spelling
         scaling = dict(rope)
@@ -423,7 +416,7 @@ def read_lora(folder: str):
     config_path = os.path.join(folder, "adapter_config.json")
     for p in (path, config_path):
         if not os.path.exists(p):
-            raise FileNotFoundError(f"{p}: not found; an adapter folder holds adapter_model.safetensors "
+            raise MissingFileError(f"{p}: not found; an adapter folder holds adapter_model.safetensors "
                                     "and adapter_config.json")
     tensors = {k.removeprefix("base_model.model."): v for k, v in read_safetensors(path).items()}
     return read_json(config_path), tensors, path
@@ -435,7 +428,7 @@ def _square(v, name: str) -> int:
     """DINOv2 configs give image/patch sizes as an int or a square pair."""
     if isinstance(v, (list, tuple)):
         if len(v) != 2 or v[0] != v[1]:
-            raise ValueError(f"config {name}={v}: only square sizes are supported")
+            raise UserError(f"config {name}={v}: only square sizes are supported")
         return int(v[0])
     return int(v)
 
@@ -444,7 +437,7 @@ def vit_config_fields(d: dict) -> dict:
     """ViTConfig's fields from a DINOv2 config.json (with or without registers)."""
     model_type = d.get("model_type", "dinov2")
     if model_type not in ("dinov2", "dinov2_with_registers"):
-        raise ValueError(f"config model_type {model_type!r}: expected dinov2 or dinov2_with_registers")
+        raise UserError(f"config model_type {model_type!r}: expected dinov2 or dinov2_with_registers")
     registers = model_type == "dinov2_with_registers"
     return dict(hidden_size=d["hidden_size"], num_hidden_layers=d["num_hidden_layers"],
                 num_attention_heads=d["num_attention_heads"], mlp_ratio=d.get("mlp_ratio", 4),
@@ -469,7 +462,7 @@ def text_encoder_config_fields(d: dict, pool=None) -> dict:
     """TextEncoderConfig's fields from an mBART config.json (ours adds `pool`)."""
     pool = pool or d.get("pool", "lang_code")
     if pool not in ("lang_code", "mean"):
-        raise ValueError(f"text encoder pool must be 'lang_code' or 'mean', got {pool!r}")
+        raise UserError(f"text encoder pool must be 'lang_code' or 'mean', got {pool!r}")
     return dict(vocab_size=d["vocab_size"], d_model=d["d_model"], encoder_layers=d["encoder_layers"],
                 encoder_attention_heads=d["encoder_attention_heads"], encoder_ffn_dim=d["encoder_ffn_dim"],
                 max_position_embeddings=d["max_position_embeddings"],
@@ -533,7 +526,7 @@ def dataclass_from_dict(cls, d: dict, where: str, **nested):
         known = {f.name for f in dataclasses.fields(klass)}
         for k in values:
             if k not in known:
-                raise ValueError(f"{where}: unknown key {prefix}{k}; valid: {sorted(known)}")
+                raise UserError(f"{where}: unknown key {prefix}{k}; valid: {sorted(known)}")
         return klass(**values)
     d = dict(d, **{key: build(klass, d.get(key, {}), f"{key}.") for key, klass in nested.items()})
     return build(cls, d, "")
@@ -554,7 +547,7 @@ def read_vcp_config(folder: str):
     folder = checkpoint_folder(folder)  # a save cut by a kill: its last whole checkpoint
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found; a VCP folder holds config.json and model.safetensors")
+        raise MissingFileError(f"{path}: not found; a VCP folder holds config.json and model.safetensors")
     return folder, read_json(path), path
 
 
@@ -585,7 +578,7 @@ def read_llava_config(folder: str, check_visual: bool = True) -> dict:
     folder = checkpoint_folder(folder)  # a save cut by a kill: its last whole checkpoint
     config, path = read_config(folder, "not a LLaVA-SLT folder (train_vlt.py writes one)")
     if not isinstance(config, dict) or config.get("format") != "llava-slt":
-        raise ValueError(f"{path}: not a LLaVA-SLT folder (train_vlt.py writes one with \"format\": \"llava-slt\")")
+        raise UserError(f"{path}: not a LLaVA-SLT folder (train_vlt.py writes one with \"format\": \"llava-slt\")")
     for key in ("llm", "visual"):
         config[key] = checkpoint_folder(os.path.join(folder, config[key]))
     if os.path.isdir(os.path.join(folder, "visual")):
@@ -594,7 +587,7 @@ def read_llava_config(folder: str, check_visual: bool = True) -> dict:
         weights = os.path.join(config["visual"], "model.safetensors")
         if os.path.isfile(weights) and file_sha256(weights) != config["visual_sha256"]:
             safetensors_metadata(weights)  # a damaged file is named as such, not as another encoder
-            raise ValueError(f"{weights}: the visual encoder changed since {folder} was trained on it "
+            raise UserError(f"{weights}: the visual encoder changed since {folder} was trained on it "
                              "(another sha256); train the connector again on this encoder, or restore "
                              "the encoder it was trained on")
     config["folder"] = folder
@@ -610,5 +603,5 @@ def llava_adapter(folder: str):
 def load_connector(connector: nn.Module, folder: str):
     path = os.path.join(folder, "connector.safetensors")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found; the folder holds no trained connector")
+        raise MissingFileError(f"{path}: not found; the folder holds no trained connector")
     copy_strict(connector.state_dict(), read_safetensors(path), path)

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hf
+from errors import UserError
 from hf import copy_strict
 
 # ----------------------------------------------------------------------------- LLM
@@ -48,11 +49,11 @@ class LLMConfig:
     def __post_init__(self):
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+            raise UserError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3"):
-            raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, linear, llama3)")
+            raise UserError(f"rope_type {rope_type!r} is not supported (supported: default, linear, llama3)")
 
     @classmethod
     def from_hf(cls, d: dict, source: str = "config.json") -> "LLMConfig":
@@ -473,7 +474,7 @@ def apply_lora(module: nn.Module, targets=("q_proj", "v_proj"), r: int = 8, alph
                 setattr(parent, child_name, LoRALinear(child, r, alpha, dropout))
                 wrapped.append(f"{name}.{child_name}" if name else child_name)
     if not wrapped:
-        raise ValueError(f"apply_lora: no nn.Linear named any of {list(targets)} in {type(module).__name__}")
+        raise UserError(f"apply_lora: no nn.Linear named any of {list(targets)} in {type(module).__name__}")
     return wrapped
 
 
@@ -528,7 +529,7 @@ class Connector(nn.Module):
     def __init__(self, visual_dim: int, llm_dim: int, kind: str = "mlp"):
         super().__init__()
         if kind not in ("mlp", "linear"):
-            raise ValueError(f"connector kind must be 'mlp' or 'linear', got {kind!r}")
+            raise UserError(f"connector kind must be 'mlp' or 'linear', got {kind!r}")
         self.kind = kind
         self.proj = (nn.Sequential(nn.Linear(visual_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
                      if kind == "mlp" else nn.Linear(visual_dim, llm_dim))
@@ -572,7 +573,7 @@ class LLaVASLT(nn.Module):
     def __init__(self, llm: LLM, connector: Connector, visual_encoder: nn.Module = None, visual_tokens: str = "word"):
         super().__init__()
         if visual_tokens not in ("word", "sentence"):
-            raise ValueError(f"visual_tokens must be 'word' or 'sentence', got {visual_tokens!r}")
+            raise UserError(f"visual_tokens must be 'word' or 'sentence', got {visual_tokens!r}")
         self.llm, self.connector, self.visual_encoder = llm, connector, visual_encoder
         self.visual_tokens = visual_tokens
 

@@ -15,11 +15,9 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 from PIL import Image
 
+from errors import DataError, MissingFileError, UserError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-class DataError(ValueError):
-    """A data file or row the user supplied is malformed; the message names it and says what to do."""
 
 
 # ---------------------------------------------------------------------------- video io
@@ -97,7 +95,7 @@ def read_video(path, sample=None) -> np.ndarray:
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such video file or frame folder; check the path "
+        raise MissingFileError(f"{path}: no such video file or frame folder; check the path "
                                 "(manifest paths are relative to the manifest file)")
     if path.is_dir():
         files = frame_files(path)
@@ -144,7 +142,7 @@ def read_manifest(path, check_files: bool = True) -> list:
     """Rows of a jsonl manifest; `video` paths are relative to the manifest file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: manifest not found; give a .jsonl file or a folder with {{split}}.jsonl")
+        raise MissingFileError(f"{path}: manifest not found; give a .jsonl file or a folder with {{split}}.jsonl")
     rows, seen = [], {}
     for n, r in _jsonl(path):
         video, text = r.get("video"), r.get("text")
@@ -154,7 +152,7 @@ def read_manifest(path, check_files: bool = True) -> list:
             raise DataError(f"{path} row {n}: no text or empty 'text'; every row needs its spoken sentence")
         vpath = Path(os.path.abspath(path.parent / video))  # absolute paths stay as they are
         if check_files and not vpath.exists():
-            raise FileNotFoundError(f"{path} row {n}: video {vpath} not found; "
+            raise MissingFileError(f"{path} row {n}: video {vpath} not found; "
                                     "paths are relative to the manifest file")
         id = str(r.get("id", vpath.stem))
         if id in seen:
@@ -169,14 +167,14 @@ def read_manifest(path, check_files: bool = True) -> list:
 def _split_name(split: str, where) -> str:
     s = {"val": "dev", "valid": "dev", "validation": "dev"}.get(split, split)
     if s not in ("train", "dev", "test"):
-        raise ValueError(f"{where}: unknown split {split!r}; use train, dev or test")
+        raise UserError(f"{where}: unknown split {split!r}; use train, dev or test")
     return s
 
 
 def _read_table(path: Path, need, kind: str):
     """'|'-separated file with a header line -> (header column index, [(line number, fields)])."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: {kind} file not found; check the dataset root")
+        raise MissingFileError(f"{path}: {kind} file not found; check the dataset root")
     lines = [line.rstrip("\r\n") for _, line in _text_lines(path, "line")]
     header = [c.strip().lower() for c in lines[0].split("|")] if lines else []
     missing = [c for c in need if c not in header]
@@ -216,7 +214,7 @@ def read_phoenix(root, split: str, check_files: bool = True) -> list:
             raise DataError(f"{csv} line {n}: empty translation for {name}")
         video = frames / name
         if check_files and not video.is_dir():
-            raise FileNotFoundError(f"{csv} line {n}: no frames folder {video}; "
+            raise MissingFileError(f"{csv} line {n}: no frames folder {video}; "
                                     "extract the frames into features/fullFrame-210x260px/")
         rows.append(_row(name, os.path.abspath(video), text, f[col["orth"]] or None, f[col["speaker"]] or None))
     if not rows:
@@ -249,7 +247,7 @@ def read_csl_daily(root, split: str, check_files: bool = True) -> list:
             raise DataError(f"{map_file} line {m}: empty char (sentence) column for {name}")
         video = frames / name
         if check_files and not video.is_dir():
-            raise FileNotFoundError(f"{split_file} line {n}: no frames folder {video} for {name}; "
+            raise MissingFileError(f"{split_file} line {n}: no frames folder {video} for {name}; "
                                     "extract the frames into sentence/frames_512x512/")
         signer = re.search(r"_(P\d+)_", name)  # names are S{sentence}_P{signer}_T{take}
         rows.append(_row(name, os.path.abspath(video), text, lab[mcol["gloss"]] or None,
@@ -271,7 +269,7 @@ def dataset_kind(data) -> str:
             return "csl_daily"
         if any(p.glob("*.jsonl")):
             return "manifest"
-    raise FileNotFoundError(f"{p}: not a dataset; give a manifest (.jsonl or a folder of {{split}}.jsonl), "
+    raise MissingFileError(f"{p}: not a dataset; give a manifest (.jsonl or a folder of {{split}}.jsonl), "
                             "a Phoenix-2014T root (annotations/manual/) or a CSL-Daily root (sentence_label/)")
 
 
@@ -287,7 +285,7 @@ def load_rows(data, split: str = "train", check_files: bool = True) -> list:
     f = p / f"{split}.jsonl"
     if not f.is_file():
         have = sorted(q.stem for q in p.glob("*.jsonl"))
-        raise FileNotFoundError(f"{f}: no manifest for split {split!r}; this folder has {have}")
+        raise MissingFileError(f"{f}: no manifest for split {split!r}; this folder has {have}")
     return read_manifest(f, check_files)
 
 
@@ -315,7 +313,7 @@ def read_corpus(path) -> list:
     """CPT corpus jsonl: rows {"text"} (plain sentences) or {"gloss", "text"} (gloss-text pairs)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: corpus not found; give a jsonl file of {{\"text\"}} or {{\"gloss\", \"text\"}} rows")
+        raise MissingFileError(f"{path}: corpus not found; give a jsonl file of {{\"text\"}} or {{\"gloss\", \"text\"}} rows")
     rows = []
     for n, r in _jsonl(path):
         if not isinstance(r.get("text"), str) or not r["text"].strip():

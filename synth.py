@@ -28,6 +28,8 @@ import av
 import numpy as np
 from tqdm import tqdm
 
+from errors import UserError
+
 SYNTH_FPS = 25
 SYNTH_CANVAS = 32          # every coordinate below is in pixels of a 32-px canvas, scaled to `size`
 SYNTH_HAND = 7.0           # hand size (px on the 32-px canvas) before the signer's scale
@@ -404,9 +406,9 @@ def plan_synthetic(seed: int = 0, n_train: int = 3000, n_dev: int = 200, n_test:
     """
     for name, n in (("n_train", n_train), ("n_dev", n_dev), ("n_test", n_test), ("n_corpus", n_corpus)):
         if n < 0:
-            raise ValueError(f"synthetic data: {name}={n}; give a count >= 0")
+            raise UserError(f"synthetic data: {name}={n}; give a count >= 0")
     if n_signers < 1:
-        raise ValueError(f"synthetic data: n_signers={n_signers}; give at least 1")
+        raise UserError(f"synthetic data: n_signers={n_signers}; give at least 1")
     rng = np.random.default_rng([seed, 0])
     signers = make_signers(seed, n_signers)
     pools = {}
@@ -426,7 +428,7 @@ def plan_synthetic(seed: int = 0, n_train: int = 3000, n_dev: int = 200, n_test:
         for i in range(n):
             open_ = [t for t in TEMPLATES if n_held[t.name] < cap[t.name]]
             if not open_:
-                raise ValueError(f"synthetic data: n_dev + n_test = {n_dev + n_test} exceeds the "
+                raise UserError(f"synthetic data: n_dev + n_test = {n_dev + n_test} exceeds the "
                                  f"{sum(cap.values())} held-out combinations the grammar has; ask for fewer")
             t = _pick_template(rng, open_)
             rows.append(clip(split, i, t, pools[t.name][n_held[t.name]]))
@@ -444,7 +446,7 @@ def plan_synthetic(seed: int = 0, n_train: int = 3000, n_dev: int = 200, n_test:
         options = [c for c in train_pool[t.name] if g in c]
         chosen.append((t, options[int(rng.integers(len(options)))]))
     if len(chosen) > n_train:
-        raise ValueError(f"synthetic data: n_train={n_train} cannot show all {len(SIGNS)} glosses; "
+        raise UserError(f"synthetic data: n_train={n_train} cannot show all {len(SIGNS)} glosses; "
                          f"give n_train >= {len(chosen)}")
     while len(chosen) < n_train:
         t = _pick_template(rng, TEMPLATES)
@@ -544,7 +546,7 @@ def synthesize(out, seed: int = 0, n_train: int = 3000, n_dev: int = 200, n_test
     out = Path(out)
     _check_out(out, overwrite)
     if size < 16:  # H.264 macroblocks are 16 px
-        raise ValueError(f"synthetic data: size={size}; give size >= 16")
+        raise UserError(f"synthetic data: size={size}; give size >= 16")
     plan = plan_synthetic(seed, n_train, n_dev, n_test, n_corpus, n_signers)
     signers = plan["signers"]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import os
 
 import tokenizers
 
+from errors import MissingFileError, UserError
 from hf import checkpoint_folder, read_json
 
 # Built-in formats, only for folders without a template. Written as Jinja so they take the
@@ -56,7 +57,7 @@ def _token_str(value, key: str, path: str):
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
-    raise ValueError(f"{path}: {key} must be a string or an AddedToken dict with 'content', got {value!r}")
+    raise UserError(f"{path}: {key} must be a string or an AddedToken dict with 'content', got {value!r}")
 
 
 def _plain(value):
@@ -167,7 +168,7 @@ class Tokenizer:
         self.source = source                # the folder, for error messages
         for key, token in self.special_tokens.items():
             if backend.token_to_id(token) is None:
-                raise ValueError(f"{source}: {key} {token!r} is not in the vocabulary of tokenizer.json")
+                raise UserError(f"{source}: {key} {token!r} is not in the vocabulary of tokenizer.json")
         # Stop ids: generation_config's, then the eos token, then the turn end of a built-in format
         # (a folder chatting in ChatML must stop at <|im_end|> even if its own eos is <|endoftext|>).
         ids = [int(i) for i in (eos_token_ids or [])]
@@ -188,12 +189,12 @@ class Tokenizer:
         folder = checkpoint_folder(folder)
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{folder}: no tokenizer.json; put the checkpoint's tokenizer.json "
+            raise MissingFileError(f"{folder}: no tokenizer.json; put the checkpoint's tokenizer.json "
                                     "(and tokenizer_config.json, generation_config.json) in this folder")
         try:
             backend = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # the Rust side raises a bare Exception on a malformed file
-            raise ValueError(f"{path}: not a tokenizers file ({str(e).splitlines()[0] if str(e) else e!r})") from None
+            raise UserError(f"{path}: not a tokenizers file ({str(e).splitlines()[0] if str(e) else e!r})") from None
         config_path = os.path.join(folder, "tokenizer_config.json")
         config = _read_json(config_path) or {}
         legacy = _read_json(os.path.join(folder, "special_tokens_map.json"))
@@ -220,7 +221,7 @@ class Tokenizer:
             template = {t["name"]: t["template"] for t in template}
         if isinstance(template, dict):
             if "default" not in template:
-                raise ValueError(f"{config_path}: chat_template has no 'default' among {sorted(template)}")
+                raise UserError(f"{config_path}: chat_template has no 'default' among {sorted(template)}")
             template = template["default"]
 
         eos = (_read_json(os.path.join(folder, "generation_config.json")) or {}).get("eos_token_id")
@@ -240,7 +241,7 @@ class Tokenizer:
             backend.add_tokens([tokenizers.AddedToken(entry["content"], **{k: entry[k] for k in flags if k in entry})])
             got = backend.token_to_id(entry["content"])
             if got != int(idx):
-                raise ValueError(f"{config_path}: added token {entry['content']!r} has id {idx} but tokenizer.json "
+                raise UserError(f"{config_path}: added token {entry['content']!r} has id {idx} but tokenizer.json "
                                  f"gives it {got}: the two files come from different checkpoints")
             present.add(entry["content"])
         for token in special:
@@ -325,7 +326,7 @@ class Tokenizer:
             return self.token_to_id(self.pad_token)
         if self.eos_token_ids:
             return self.eos_token_ids[0]
-        raise ValueError(f"{self.source}: no pad_token and no eos token; set pad_token in tokenizer_config.json")
+        raise UserError(f"{self.source}: no pad_token and no eos token; set pad_token in tokenizer_config.json")
 
     def check_fits(self, num_embeddings: int, where: str = ""):
         """Raise when this tokenizer can produce ids the model has no embedding row for.
@@ -334,7 +335,7 @@ class Tokenizer:
         if n > num_embeddings:
             name = os.path.join(self.source, "tokenizer.json") if os.path.isdir(self.source) else self.source
             model = f"the model {where}" if where else "the model"
-            raise ValueError(f"tokenizer {name} has {n} tokens but {model} has {num_embeddings} embedding rows: "
+            raise UserError(f"tokenizer {name} has {n} tokens but {model} has {num_embeddings} embedding rows: "
                              "use the tokenizer of the same checkpoint")
 
     # -------------------------------------------------------------- chat
@@ -349,7 +350,7 @@ class Tokenizer:
             return self.chat_template
         builtin = self._builtin_format()
         if builtin is None and required:
-            raise ValueError(f"{self.source}: no chat_template in tokenizer_config.json and the vocabulary has neither "
+            raise UserError(f"{self.source}: no chat_template in tokenizer_config.json and the vocabulary has neither "
                              "ChatML (<|im_start|>, <|im_end|>) nor Llama-3 (<|start_header_id|>) tokens; "
                              "add a chat_template to tokenizer_config.json")
         return None if builtin is None else builtin[0]
@@ -373,7 +374,7 @@ class Tokenizer:
         try:
             text = _compile_chat_template(self._template()).render(**variables)
         except jinja2.exceptions.TemplateError as e:
-            raise ValueError(f"chat template of {self.source}: {e}") from None
+            raise UserError(f"chat template of {self.source}: {e}") from None
         return self.encode(text) if tokenize else text
 
     # -------------------------------------------------------------- a fresh vocabulary
@@ -391,7 +392,7 @@ class Tokenizer:
         """
         from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
         if chat_format != "chatml":
-            raise ValueError(f"Tokenizer.train: chat_format must be 'chatml', got {chat_format!r}")
+            raise UserError(f"Tokenizer.train: chat_format must be 'chatml', got {chat_format!r}")
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         if kind == "wordlevel":
             specials.append("<|unk|>")
@@ -409,7 +410,7 @@ class Tokenizer:
             trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         else:
-            raise ValueError(f"Tokenizer.train: kind must be 'wordlevel' or 'bpe', got {kind!r}")
+            raise UserError(f"Tokenizer.train: kind must be 'wordlevel' or 'bpe', got {kind!r}")
         seen = [0]
 
         def corpus():
@@ -420,7 +421,7 @@ class Tokenizer:
 
         backend.train_from_iterator(corpus(), trainer=trainer)
         if seen[0] == 0:
-            raise ValueError("Tokenizer.train: the corpus is empty")
+            raise UserError("Tokenizer.train: the corpus is empty")
         eos = [backend.token_to_id("<|im_end|>"), backend.token_to_id("<|endoftext|>")]
         special = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
                    "unk_token": "<|unk|>" if kind == "wordlevel" else None}

@@ -17,9 +17,11 @@ import torch
 
 from checkpoint import check_out
 from cli import cli, parse_config, setup_distributed
-from data import CorpusDataset, collate_vlt, read_corpus, system_prompt
+from data import CorpusDataset, collate_vlt, system_prompt
+from errors import UserError
 from losses import lm_loss
 from model import LLM, LLMConfig, apply_lora
+from readers import read_corpus
 from tokenizer import Tokenizer
 from training import TrainConfig, fit, make_optimizer, seed_everything, trainable_in_fp32
 
@@ -62,7 +64,7 @@ def fresh_model(config: CPTConfig, rows) -> tuple:
 def main(argv):
     config = parse_config(CPTConfig, argv)
     if not config.corpus:
-        raise ValueError("--corpus is required: a jsonl file of {\"text\"} or {\"gloss\", \"text\"} rows")
+        raise UserError("--corpus is required: a jsonl file of {\"text\"} or {\"gloss\", \"text\"} rows")
     check_out(config.out, "cpt", corpus=config.corpus, init=config.init)
     dist = setup_distributed(config.device)
     seed_everything(config.seed)  # the same fresh weights on every rank

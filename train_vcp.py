@@ -22,14 +22,14 @@ from dataclasses import dataclass, make_dataclass
 import torch
 import torch.nn.functional as F
 
-from bench import activation_estimate, activation_line, kept_bytes  # noqa: F401  (tests/test_vision.py: kept_bytes)
 from checkpoint import check_out
 from cli import cli, flags_of, parse_config, setup_distributed
-from data import ClipDataset, VideoTransform, collate_clips, language_of, load_rows
-from demo import text_encoder_from_llm
+from data import ClipDataset, VideoTransform, collate_clips
+from errors import UserError
 from losses import clip_loss, signcl_loss, symmetric_cross_entropy
+from readers import language_of, load_rows
 from training import TrainConfig, fit, make_optimizer, seed_everything, trainable_in_fp32
-from vision import HierarchicalConfig, VCPConfig, VCPModel, ViTConfig, load_text_encoder
+from vision import HierarchicalConfig, VCPConfig, VCPModel, ViTConfig, load_text_encoder, text_encoder_from_llm
 
 LANG_CODES = {"German": "de_DE", "Chinese": "zh_CN"}  # mBART's language codes
 
@@ -124,9 +124,9 @@ def validate(model: VCPModel, clips: ClipDataset, text_sentence, dist, batch_siz
 def main(argv):
     config = parse_config(VCPTrainConfig, argv)
     if not config.data:
-        raise ValueError("--data is required: a manifest folder, a Phoenix-2014T root or a CSL-Daily root")
+        raise UserError("--data is required: a manifest folder, a Phoenix-2014T root or a CSL-Daily root")
     if bool(config.text_encoder) == bool(config.text_from_llm):
-        raise ValueError("give exactly one of --text_encoder (an mBART folder) and --text_from_llm (an LLM folder)")
+        raise UserError("give exactly one of --text_encoder (an mBART folder) and --text_from_llm (an LLM folder)")
     check_out(config.out, "vcp", data=config.data, text_encoder=config.text_encoder,
               text_from_llm=config.text_from_llm, vit=config.vit)
     dist = setup_distributed(config.device)
@@ -160,6 +160,7 @@ def main(argv):
     dist.log(f"{len(rows)} clips ({language}); VCP model {n_train / 1e6:.2f}M trainable parameters")
     trainable_in_fp32(model)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
+    from bench import activation_line  # a measurement, off the reading path
     dist.log(activation_line(model.to(dist.device), config, dist.device))  # measured on one frame (bench.py)
 
     def train_step(model, batch):

@@ -24,13 +24,15 @@ import torch
 from checkpoint import check_out
 from cli import cli, parse_config, setup_distributed
 from data import (ClipDataset, VideoTransform, build_chat_example, chat_prefix_ids, collate_clips, collate_vlt,
-                  language_of, load_rows, system_prompt)
+                  system_prompt)
+from errors import UserError
 from eval import EvalConfig, score, translate
 from feature_cache import CachedVLTDataset, build_cache, collate_cached, fingerprint, pad_features
 from hf import checkpoint_folder, file_sha256, read_json
 from loader import loader_workers
 from losses import lm_loss
 from model import LLM, Connector, LLaVASLT, PrefixCache, apply_lora
+from readers import language_of, load_rows
 from tokenizer import Tokenizer
 from training import TrainConfig, fit, make_optimizer, seed_everything, trainable_in_fp32
 from vision import VCPModel
@@ -71,7 +73,7 @@ class VLTConfig(TrainConfig):
 
 def prompt_system(config: VLTConfig, language: str) -> str:
     if config.prompt not in ("full", "no_format", "none"):
-        raise ValueError(f"--prompt={config.prompt}: expected full, no_format or none")
+        raise UserError(f"--prompt={config.prompt}: expected full, no_format or none")
     return system_prompt(language, task=config.prompt != "none", format=config.prompt == "full")
 
 
@@ -124,10 +126,6 @@ def validate(model: LLaVASLT, tok, system, rows, level, dist, config, features=N
     return {"dev_bleu4": scores["bleu4"], "dev_rouge": scores["rouge"]}
 
 
-def collate_video(items, pad_id):
-    return {**collate_vlt(items, pad_id), **collate_clips(items)}
-
-
 def build_model(config: VLTConfig, dtype) -> tuple:
     """(model, cpt, vcp): a previous LLaVA-SLT folder (--init, with its LLM and encoder folders),
     or the CPT LLM + the VCP encoder + a fresh connector."""
@@ -136,11 +134,11 @@ def build_model(config: VLTConfig, dtype) -> tuple:
         cpt, vcp = model.config["llm"], model.config["visual"]
         check_out(config.out, "vlt", **{"init's LLM": cpt, "init's visual encoder": vcp})
         if model.visual_tokens != config.visual_tokens:
-            raise ValueError(f"--visual_tokens={config.visual_tokens} but {config.init} was trained with "
+            raise UserError(f"--visual_tokens={config.visual_tokens} but {config.init} was trained with "
                              f"{model.visual_tokens}")
         return model, cpt, vcp
     if not config.cpt or not config.vcp:
-        raise ValueError("give --cpt (an LLM folder) and --vcp (a visual encoder folder), or --init")
+        raise UserError("give --cpt (an LLM folder) and --vcp (a visual encoder folder), or --init")
     llm = LLM.from_pretrained(config.cpt, dtype=dtype)
     visual = VCPModel.load(config.vcp)
     connector = Connector(visual.config.hier.dim, llm.config.hidden_size, config.connector)
@@ -152,7 +150,7 @@ def encoder_sha256(config: VLTConfig, vcp: str) -> str:
     sha256 = file_sha256(os.path.join(checkpoint_folder(vcp), "model.safetensors"))
     saved = os.path.join(checkpoint_folder(config.out), "config.json")
     if config.resume and os.path.isfile(saved) and read_json(saved).get("visual_sha256") not in (None, sha256):
-        raise ValueError(f"--resume: {config.out} was trained on another visual encoder than {vcp} holds now "
+        raise UserError(f"--resume: {config.out} was trained on another visual encoder than {vcp} holds now "
                          "(another sha256); start a new --out, or restore that encoder")
     return sha256
 
@@ -207,9 +205,9 @@ def cached_data(config: VLTConfig, model, rows, dev_rows, tok, system, vcp, visu
 def main(argv):
     config = parse_config(VLTConfig, argv)
     if not config.data:
-        raise ValueError("--data is required: a manifest folder, a Phoenix-2014T root or a CSL-Daily root")
+        raise UserError("--data is required: a manifest folder, a Phoenix-2014T root or a CSL-Daily root")
     if config.visual_tokens not in ("word", "sentence"):
-        raise ValueError(f"--visual_tokens={config.visual_tokens}: expected word or sentence")
+        raise UserError(f"--visual_tokens={config.visual_tokens}: expected word or sentence")
     cache_dir = config.cache or os.path.normpath(config.out) + "_cache"
     check_out(config.out, "vlt", data=config.data, cpt=config.cpt, vcp=config.vcp, init=config.init, cache=cache_dir)
     dist = setup_distributed(config.device)

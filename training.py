@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from checkpoint import capture_train_state, check_out, recover_checkpoint, resume_run, save_checkpoint, start_run
 from cli import Dist, resolve_device
+from errors import DivergedError, UserError
 from loader import Batches, loader_workers, to_device
 
 
@@ -68,20 +69,20 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision={self.precision}: expected one of {', '.join(PRECISIONS)}")
+            raise UserError(f"--precision={self.precision}: expected one of {', '.join(PRECISIONS)}")
         for name in ("batch_size", "grad_accum", "log_every", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name}={getattr(self, name)}: must be at least 1")
+                raise UserError(f"--{name}={getattr(self, name)}: must be at least 1")
         for name in ("epochs", "max_steps", "save_every", "save_every_minutes", "max_grad_norm",
                      "eval_every", "patience"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name}={getattr(self, name)}: must not be negative")
+                raise UserError(f"--{name}={getattr(self, name)}: must not be negative")
         if self.num_workers < -1:
-            raise ValueError(f"--num_workers={self.num_workers}: must be -1 (auto) or at least 0")
+            raise UserError(f"--num_workers={self.num_workers}: must be -1 (auto) or at least 0")
         if not 0.0 < self.pct_start < 1.0:
-            raise ValueError(f"--pct_start={self.pct_start}: must be between 0 and 1")
+            raise UserError(f"--pct_start={self.pct_start}: must be between 0 and 1")
         if self.time_limit is not None and self.time_limit <= 0:
-            raise ValueError(f"--time_limit={self.time_limit}: must be positive seconds (or none)")
+            raise UserError(f"--time_limit={self.time_limit}: must be positive seconds (or none)")
 
 
 # ----------------------------------------------------------------------------- precision / seed
@@ -89,12 +90,12 @@ class TrainConfig:
 def resolve_precision(precision: str, device) -> str:
     """"auto" -> bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU."""
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision={precision}: expected one of {', '.join(PRECISIONS)}")
+        raise UserError(f"--precision={precision}: expected one of {', '.join(PRECISIONS)}")
     cuda = torch.device(device).type == "cuda"
     if precision == "auto":
         return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
     if precision == "fp16" and not cuda:
-        raise ValueError("--precision=fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+        raise UserError("--precision=fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
     return precision
 
 
@@ -155,7 +156,7 @@ def make_optimizer(model_or_named_params, lr: float, weight_decay: float, betas=
         named = list(model_or_named_params)
     named = [(n, p) for n, p in named if p.requires_grad]
     if not named:
-        raise ValueError("make_optimizer: no parameter requires grad, so there is nothing to train")
+        raise UserError("make_optimizer: no parameter requires grad, so there is nothing to train")
     decay = [(n, p) for n, p in named if decays(n, p, owners.get(n))]
     no_decay = [(n, p) for n, p in named if not decays(n, p, owners.get(n))]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -209,7 +210,7 @@ def _prepare(model, dataset, collate_fn, drop_last: bool, config: TrainConfig, d
     dist = dist or Dist(device=resolve_device(config.device))
     precision = resolve_precision(config.precision, dist.device)
     if len(dataset) == 0:
-        raise ValueError("fit: the training dataset is empty")
+        raise UserError("fit: the training dataset is empty")
     model.to(dist.device).train()
     out = os.path.normpath(config.out)
     if dist.is_main:
@@ -220,10 +221,10 @@ def _prepare(model, dataset, collate_fn, drop_last: bool, config: TrainConfig, d
     batches = Batches(dataset, collate_fn, config.batch_size, workers, config.seed, dist, drop_last)
     total_steps = config.max_steps or config.epochs * batches.batches_per_epoch // config.grad_accum
     if batches.batches_per_epoch == 0:
-        raise ValueError(f"fit: {len(dataset)} items on {dist.world_size} process(es) fill no batch of "
+        raise UserError(f"fit: {len(dataset)} items on {dist.world_size} process(es) fill no batch of "
                          f"--batch_size={config.batch_size} (drop_last); lower the batch size")
     if total_steps < 1:
-        raise ValueError(f"fit: {len(dataset)} items give no optimizer step with --epochs={config.epochs} "
+        raise UserError(f"fit: {len(dataset)} items give no optimizer step with --epochs={config.epochs} "
                          f"--batch_size={config.batch_size} --grad_accum={config.grad_accum} on {dist.world_size} "
                          "process(es); raise epochs or lower the batch")
     net = model if not dist.ddp else nn.parallel.DistributedDataParallel(
@@ -335,7 +336,7 @@ def _skipped(step: int, loss: float, grad_norm: float, bad_in_row: int, skipped:
              f"step skipped ({bad_in_row} in a row, {skipped} in all)")
     if bad_in_row >= config.max_nonfinite_steps:
         bar.close()
-        raise FloatingPointError(
+        raise DivergedError(
             f"{bad_in_row} steps in a row with a non-finite loss or gradient (at step {step + 1}); "
             f"stopped without saving, the last checkpoint in {os.path.normpath(config.out)} is from step "
             f"{saved_at}: lower --lr or check the data")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import hf
+from errors import UserError
 from model import LLM, apply_lora, apply_rope, rope_tables
 from tokenizer import Tokenizer
 
@@ -24,7 +25,7 @@ _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu,
 
 def _activation(name: str):
     if name not in _ACTIVATIONS:
-        raise ValueError(f"activation {name!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
+        raise UserError(f"activation {name!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]
 
 
@@ -189,7 +190,7 @@ class ViT(nn.Module):
         N, _, H, W = pixel_values.shape
         p = self.config.patch_size
         if H % p or W % p:
-            raise ValueError(f"ViT: image size {H}x{W} is not a multiple of the patch size {p}")
+            raise UserError(f"ViT: image size {H}x{W} is not a multiple of the patch size {p}")
         chunk = chunk_size or self.chunk_size or N
         outs = []
         recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
@@ -243,7 +244,7 @@ class HierarchicalConfig:
 
     def __post_init__(self):
         if self.step < 1 or self.window < 0:
-            raise ValueError(f"hierarchical encoder: step must be >= 1 and window >= 0, "
+            raise UserError(f"hierarchical encoder: step must be >= 1 and window >= 0, "
                              f"got step={self.step}, window={self.window}")
 
 
@@ -260,7 +261,7 @@ class Block(nn.Module):  # pre-norm transformer block
         super().__init__()
         D, self.heads, self.dropout = config.dim, config.heads, config.dropout
         if D % self.heads or (D // self.heads) % 2:
-            raise ValueError(f"hierarchical encoder: dim {D} must split into {self.heads} heads of even size")
+            raise UserError(f"hierarchical encoder: dim {D} must split into {self.heads} heads of even size")
         self.norm1 = nn.LayerNorm(D, eps=config.norm_eps)
         self.attn = nn.ModuleDict({name: nn.Linear(D, D) for name in ("q_proj", "k_proj", "v_proj", "o_proj")})
         self.norm2 = nn.LayerNorm(D, eps=config.norm_eps)
@@ -365,10 +366,10 @@ def _tokenize(texts, encode, pad_id: int) -> tuple:
     """A text or a list of texts -> (input_ids, attention_mask) (B, T): encode(text), right-padded with pad_id."""
     texts = [texts] if isinstance(texts, str) else texts
     if not texts:
-        raise ValueError("text encoder: no texts to tokenize")
+        raise UserError("text encoder: no texts to tokenize")
     for i, text in enumerate(texts):
         if not text or not text.strip():
-            raise ValueError(f"text encoder: text {i} is empty")
+            raise UserError(f"text encoder: text {i} is empty")
     rows = [torch.tensor(encode(text), dtype=torch.long) for text in texts]
     input_ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id)  # (B, T)
     return input_ids, torch.arange(input_ids.shape[1])[None] < torch.tensor([len(r) for r in rows])[:, None]
@@ -400,7 +401,7 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids, attention_mask=None):  # (B, T) -> (B, T, D)
         T = input_ids.shape[1]
         if T > self.config.max_position_embeddings:
-            raise ValueError(f"text encoder: {T} tokens, at most {self.config.max_position_embeddings}")
+            raise UserError(f"text encoder: {T} tokens, at most {self.config.max_position_embeddings}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         x = self.embed_tokens(input_ids) * self.embed_scale  # (B, T, D)
@@ -423,12 +424,12 @@ class TextEncoder(nn.Module):
     def tokenize(self, texts, lang: str = "de_DE", max_length: int | None = None):
         """texts -> (input_ids, attention_mask) (B, T), each `tokens </s> lang`, right-padded."""
         if self.tokenizer is None:
-            raise ValueError("text encoder has no tokenizer (its folder had no tokenizer.json)")
+            raise UserError("text encoder has no tokenizer (its folder had no tokenizer.json)")
         eos, code = self.tokenizer.token_to_id("</s>"), self.tokenizer.token_to_id(lang)
         if eos is None:
-            raise ValueError(f"{self.path or 'tokenizer'}: no </s> token; not an mBART tokenizer")
+            raise UserError(f"{self.path or 'tokenizer'}: no </s> token; not an mBART tokenizer")
         if code is None:
-            raise ValueError(f"{self.path or 'tokenizer'}: no language code {lang!r}; "
+            raise UserError(f"{self.path or 'tokenizer'}: no language code {lang!r}; "
                              "mBART codes look like de_DE, zh_CN")
         n = (max_length or self.config.max_position_embeddings) - 2
         return _tokenize(texts, lambda t: self.tokenizer.encode(t, add_special_tokens=False).ids[:n] + [eos, code],
@@ -475,6 +476,33 @@ class LLMTextEncoder(nn.Module):
         return cls(llm, Tokenizer.from_pretrained(folder), path=folder).eval()
 
 
+def text_encoder_from_llm(folder: str, lang_codes) -> TextEncoder:
+    """A teacher for from-scratch demos: the trained LLM's token embeddings, mean-pooled.
+
+    Sentences sharing words land close together, which a random frozen encoder does not give.
+    It is an mBART-format encoder with no layers, so the rest of the pipeline is unchanged;
+    lang_codes: mBART's language codes, added to the tokenizer as mBART has them.
+    """
+    folder = hf.checkpoint_folder(folder)
+    tok = Tokenizer.from_pretrained(folder)
+    backend = tok.backend
+    backend.add_special_tokens(["</s>", *lang_codes])
+    path = os.path.join(folder, "model.safetensors")
+    embed = hf.read_safetensors(path, keep=lambda k: k == "model.embed_tokens.weight").get("model.embed_tokens.weight")
+    if embed is None:
+        raise UserError(f"{path}: no model.embed_tokens.weight; --text_from_llm takes a Qwen2/Llama folder")
+    embed = embed.float()  # (V, D)
+    encoder_config = TextEncoderConfig(vocab_size=backend.get_vocab_size(with_added_tokens=True),
+                                       d_model=embed.shape[1], encoder_layers=0, encoder_attention_heads=1,
+                                       encoder_ffn_dim=embed.shape[1], max_position_embeddings=512,
+                                       scale_embedding=False, pad_token_id=tok.pad_token_id, pool="mean")
+    enc = TextEncoder(encoder_config, backend, path="")
+    with torch.no_grad():
+        enc.embed_tokens.weight[:embed.shape[0]] = embed
+        enc.embed_positions.weight.zero_()  # a bag of words: order is what the video must supply
+    return enc.requires_grad_(False).eval()
+
+
 def load_text_encoder(folder: str, dtype=torch.float32, device="cpu"):
     """VCP's frozen text supervisor from a folder: mBART (the paper) or a Qwen2/Llama LLM (Tab. 7 row 6)."""
     if hf.read_config(hf.checkpoint_folder(folder))[0].get("model_type") in ("qwen2", "llama"):
@@ -514,9 +542,9 @@ class VCPConfig:
 
     def __post_init__(self):
         if self.vit_tuning not in ("lora", "full", "frozen"):
-            raise ValueError(f"vit_tuning must be lora, full or frozen, got {self.vit_tuning!r}")
+            raise UserError(f"vit_tuning must be lora, full or frozen, got {self.vit_tuning!r}")
         if self.frame_pool not in ("cls", "flat"):
-            raise ValueError(f"frame_pool must be cls or flat, got {self.frame_pool!r}")
+            raise UserError(f"frame_pool must be cls or flat, got {self.frame_pool!r}")
         self.lora_targets = tuple(self.lora_targets)
 
     @classmethod
@@ -567,7 +595,7 @@ class VCPModel(nn.Module):
             return self.vit(pixel_values)
         tokens = self.vit(pixel_values, all_tokens=True)[:, self.vit.num_prefix_tokens:]  # (N, h*w, D)
         if tokens.shape[1] * tokens.shape[2] != self.frame_proj.in_features:
-            raise ValueError(f"frame_pool flat: frames of {tuple(pixel_values.shape[-2:])} px do not match "
+            raise UserError(f"frame_pool flat: frames of {tuple(pixel_values.shape[-2:])} px do not match "
                              f"image_size {self.config.image_size}")
         return self.frame_proj(tokens.flatten(1))  # (N, D)
 
@@ -613,7 +641,7 @@ class VCPModel(nn.Module):
         text_encoder = None
         if with_text_encoder:
             if not config.text_encoder_path:
-                raise ValueError(f"{path}: text_encoder_path is empty; this model was saved without a text encoder")
+                raise UserError(f"{path}: text_encoder_path is empty; this model was saved without a text encoder")
             # relative to this folder (train_vcp.py writes it so)
             text_encoder = load_text_encoder(os.path.join(folder, config.text_encoder_path), dtype=dtype, device=device)
         with torch.device(device):  # the ViT weights are in model.safetensors: vit_path is not read again

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from readers import (DataError, dataset_kind, language_of, load_rows, read_corpus, read_csl_daily, read_manifest,
+from errors import DataError
+from readers import (dataset_kind, language_of, load_rows, read_corpus, read_csl_daily, read_manifest,
                      read_phoenix, read_video)
 
 COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0],

@@ -38,7 +38,8 @@ import eval as eval_cli  # noqa: E402
 import train_cpt  # noqa: E402
 import train_vcp  # noqa: E402
 import train_vlt  # noqa: E402
-from data import ClipDataset, VideoTransform, load_rows, read_corpus  # noqa: E402
+from data import ClipDataset, VideoTransform  # noqa: E402
+from readers import load_rows, read_corpus  # noqa: E402
 from synth import synthesize  # noqa: E402
 from losses import lm_loss  # noqa: E402
 from model import LLM, LLaVASLT  # noqa: E402

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import synth
-from data import load_rows, read_corpus
+from readers import load_rows, read_corpus
 
 SMALL = dict(n_train=60, n_dev=10, n_test=20, n_corpus=300, progress=False)
 SYNTH_FILES = ("train.jsonl", "dev.jsonl", "test.jsonl", "corpus.jsonl", "meta.json")

@@ -31,7 +31,8 @@ import loader  # noqa: E402
 import training  # noqa: E402
 from checkpoint import capture_train_state, load_checkpoint, restore_train_state, save_checkpoint  # noqa: E402
 from cli import Dist, cli, parse_config, setup_distributed  # noqa: E402
-from hf import RUN_MARKER, CheckpointError, checkpoint_folder  # noqa: E402
+from errors import CheckpointError, DataError, DivergedError, MissingFileError
+from hf import RUN_MARKER, checkpoint_folder  # noqa: E402
 from loader import ResumableSampler  # noqa: E402
 from losses import all_gather  # noqa: E402
 from training import TrainConfig, fit, lr_at, make_optimizer, seed_everything  # noqa: E402
@@ -210,6 +211,21 @@ def test_help_and_cli_one_line_errors(capsys):
 
     with pytest.raises(KeyError, match="frame"):
         cli(bug, [])
+
+    def wrong_shape(argv):  # a plain ValueError is a bug in the code too (torch's, or a fork's)
+        torch.zeros(2, 3).view(4)
+
+    with pytest.raises(RuntimeError):
+        cli(wrong_shape, [])
+    with pytest.raises(ValueError, match="not a user's"):
+        cli(lambda argv: (_ for _ in ()).throw(ValueError("not a user's")), [])
+    assert capsys.readouterr().err == ""
+
+    for error in (DataError("data.jsonl row 3: no text"), MissingFileError("x.mp4: not found"),
+                  DivergedError("20 non-finite steps in a row")):
+        with pytest.raises(SystemExit):
+            cli(lambda argv: (_ for _ in ()).throw(error), [])
+        assert capsys.readouterr().err == f"error: {error}\n"
 
 
 # ============================================================================ optimizer

@@ -468,7 +468,7 @@ def test_an_llm_as_text_supervisor_is_the_mean_of_its_last_hidden_states(tmp_pat
 def test_checkpointing_keeps_no_layer_activations_per_frame():
     """With grad_checkpointing a chunk of frames keeps nothing for the backward pass but what
     leaves it; without, every layer's activations per frame (the slope over frames)."""
-    from train_vcp import activation_estimate, kept_bytes
+    from bench import activation_estimate, kept_bytes
     torch.manual_seed(0)
     vit = randomize(ViT(ViTConfig(**DINO))).train()
     x = torch.randn(4, 3, 16, 16)
