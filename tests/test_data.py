@@ -207,9 +207,9 @@ def _folder_tokenizer(tok, folder, template, **config):
     """tok saved as a Hugging Face folder with another chat template / special tokens."""
     from tokenizer import Tokenizer
     tok.save_pretrained(folder)
-    cfg = json.loads((folder / "tokenizer_config.json").read_text())
-    cfg.update(chat_template=template, **config)
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config.update(chat_template=template, **config)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     (folder / "generation_config.json").unlink()  # stop ids from eos_token alone
     return Tokenizer.from_pretrained(str(folder))
 

@@ -453,8 +453,8 @@ def test_lora_adapters_round_trip(tmp_path):
         _torch.nn.init.normal_(p, std=0.3)
     x = _torch.randn(2, 16)
     save_lora(m, tmp_path)
-    cfg = _json.loads((tmp_path / "adapter_config.json").read_text())
-    assert cfg["r"] == 4 and cfg["lora_alpha"] == 16 and cfg["target_modules"] == ["q_proj", "v_proj"]
+    adapter_config = _json.loads((tmp_path / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4 and adapter_config["lora_alpha"] == 16 and adapter_config["target_modules"] == ["q_proj", "v_proj"]
     fresh = _block()  # same base weights (same seed), no adapters yet
     load_lora(fresh, tmp_path)
     _torch.testing.assert_close(_run(fresh, x), _run(m, x))
@@ -488,10 +488,10 @@ def test_connector_mlp_and_linear():
 def _llava(visual_dim=6):
     from model import LLM, LLaVASLT, LLMConfig
     _torch.manual_seed(0)
-    cfg = LLMConfig(model_type="qwen2", vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    config = LLMConfig(model_type="qwen2", vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
                     tie_word_embeddings=True, eos_token_id=[2], bos_token_id=None, dtype="float32")
-    return LLaVASLT(LLM(cfg), Connector(visual_dim, 16))
+    return LLaVASLT(LLM(config), Connector(visual_dim, 16))
 
 
 def test_llava_splice_puts_visual_tokens_in_the_slots_in_order():

@@ -259,9 +259,9 @@ def test_cpt_folders_load_in_transformers(pipe, tmp_path):
     assert sorted(saved) == sorted(load_file(pipe.cpt / "model.safetensors"))
     adapters = load_file(lora / "train_state" / "trainable.safetensors")      # what resume would load
     assert adapters and all(".lora_A." in k or ".lora_B." in k for k in adapters)
-    cfg = parse_config(train_cpt.CPTConfig, [f"--corpus={corpus}"] + CPT_FLAGS)
-    seed_everything(cfg.seed)                  # as train_cpt.main: seed, then the fresh model
-    _, fresh = train_cpt.fresh_model(cfg, read_corpus(corpus))
+    config = parse_config(train_cpt.CPTConfig, [f"--corpus={corpus}"] + CPT_FLAGS)
+    seed_everything(config.seed)                  # as train_cpt.main: seed, then the fresh model
+    _, fresh = train_cpt.fresh_model(config, read_corpus(corpus))
     merged = 0
     for k, w0 in fresh.state_dict().items():
         if k == "lm_head.weight":              # tied to the embedding, saved once

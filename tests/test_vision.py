@@ -249,9 +249,9 @@ def test_text_encoder_save_pretrained_round_trip(tmp_path):
 
 def hier(**kw):
     torch.manual_seed(0)
-    cfg = HierarchicalConfig(**{**dict(input_dim=8, dim=16, heads=2, local_layers=1, window=2, step=4,
+    config = HierarchicalConfig(**{**dict(input_dim=8, dim=16, heads=2, local_layers=1, window=2, step=4,
                                        full_layers=1, dropout=0.0), **kw})
-    return HierarchicalEncoder(cfg).eval()
+    return HierarchicalEncoder(config).eval()
 
 
 def test_local_window_limits_what_a_word_sees():
@@ -332,10 +332,10 @@ def test_downsample_takes_every_step_th_frame_and_ablations():
 
 def tiny_vcp(text_encoder=None, **kw):
     torch.manual_seed(0)
-    cfg = VCPConfig(vit=ViTConfig(**DINO), image_size=16, lora_r=2, lora_alpha=4,
+    config = VCPConfig(vit=ViTConfig(**DINO), image_size=16, lora_r=2, lora_alpha=4,
                     hier=HierarchicalConfig(dim=16, heads=2, local_layers=1, window=2, full_layers=1, dropout=0.0),
                     clip_dim=12, **kw)
-    return VCPModel(cfg, text_encoder)
+    return VCPModel(config, text_encoder)
 
 
 def video_batch(lengths=(5, 3), seed=1):
@@ -477,9 +477,9 @@ def test_checkpointing_keeps_no_layer_activations_per_frame():
         vit.grad_checkpointing = ckpt
         slopes[ckpt] = (kept_bytes(lambda: vit(x, chunk_size=4)) - kept_bytes(lambda: vit(x[:2], chunk_size=4))) / 2
     assert slopes[False] > 10_000 and slopes[True] == 0, slopes
-    cfg = VCPConfig(vit=ViTConfig(**DINO), vit_path="", image_size=16, resize=16, vit_tuning="lora",
+    config = VCPConfig(vit=ViTConfig(**DINO), vit_path="", image_size=16, resize=16, vit_tuning="lora",
                     grad_checkpointing=True, vit_chunk_size=8, hier=HierarchicalConfig(dim=16, heads=2))
-    est = activation_estimate(VCPModel(cfg, None), 100, "cpu", "fp32")
+    est = activation_estimate(VCPModel(config, None), 100, "cpu", "fp32")
     frame = 3 * 16 * 16 * 4
     assert est["mib_per_frame"] == 0 and est["full_mib_per_frame"] * 2**20 > 10_000
     assert est["gib"] * 2**30 == pytest.approx(100 * frame + 8 * est["full_mib_per_frame"] * 2**20, rel=1e-9)
