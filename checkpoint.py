@@ -101,20 +101,20 @@ def check_out(folder: str, stage: str, **inputs):
         real = os.path.realpath(path) if path else None
         if real is not None and (real == out_real or real.startswith(out_real + os.sep)):
             raise UserError(f"--out={folder} is also where --{name}={path} is read from; a run never writes "
-                             "over its inputs: choose another --out")
+                            "over its inputs: choose another --out")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"--out={folder}: is a file; give a folder")
     marker = _marker(folder) if os.path.isdir(folder) else None
     if os.path.isdir(folder) and os.listdir(folder) and marker is None:
         raise UserError(f"--out={folder}: exists and was not written by a llava-slt run (no {RUN_MARKER}); "
-                         "nothing in it is replaced: choose another folder")
+                        "nothing in it is replaced: choose another folder")
     if marker is not None and marker.get("stage") != stage:
         raise UserError(f"--out={folder}: holds the output of a {marker.get('stage')} run, this is {stage}; "
-                         "choose another folder")
+                        "choose another folder")
     old = folder + ".old"
     if os.path.exists(old) and not is_ours(old) and not _empty_dir(old):
         raise UserError(f"{old}: exists and was not written by a llava-slt run; a save renames {folder} "
-                         "there for a moment: move it away")
+                        "there for a moment: move it away")
 
 
 def _publish_tree(folder: str, chmod: bool = True):
@@ -400,7 +400,7 @@ def _load_optimizer(optimizer, saved: dict, where: str):
     for i, (sg, g) in enumerate(zip(saved["param_groups"], groups)):
         if len(sg["params"]) != len(g["params"]):
             raise UserError(f"{where}: group {i} holds {len(sg['params'])} parameters, "
-                             f"the optimizer's {len(g['params'])}")
+                            f"the optimizer's {len(g['params'])}")
         if "param_names" in sg and "param_names" in g and sg["param_names"] != g["param_names"]:
             a, b = next((a, b) for a, b in zip(sg["param_names"], g["param_names"]) if a != b)
             raise UserError(f"{where}: group {i} has {a} where the optimizer has {b}")
@@ -409,5 +409,5 @@ def _load_optimizer(optimizer, saved: dict, where: str):
         for k, v in entries.items():
             if torch.is_tensor(v) and v.ndim > 0 and v.shape != flat[idx].shape:
                 raise UserError(f"{where}: state.{idx}.{k} has shape {tuple(v.shape)}, "
-                                 f"parameter {idx} ({names[idx]}) has {tuple(flat[idx].shape)}")
+                                f"parameter {idx} ({names[idx]}) has {tuple(flat[idx].shape)}")
     optimizer.load_state_dict(saved)

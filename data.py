@@ -276,7 +276,7 @@ def build_chat_example(tok, system, user, answer=None, visual_slot_id=None) -> d
     gen = tok.apply_chat_template(messages + [user_turn], add_generation_prompt=True, tokenize=False)
     if gen.count(_USER_SENTINEL) != 1:
         raise UserError("build_chat_example: the tokenizer's chat template does not copy the user "
-                         "content verbatim into the prompt; use a template that does")
+                        "content verbatim into the prompt; use a template that does")
     prefix, suffix = gen.split(_USER_SENTINEL)
     prefix_ids = tok.encode(prefix)
     if is_visual:
@@ -293,18 +293,18 @@ def build_chat_example(tok, system, user, answer=None, visual_slot_id=None) -> d
                                        add_generation_prompt=False, tokenize=False)
         if not full.startswith(gen):
             raise UserError("build_chat_example: the chat template renders the conversation with the "
-                             "answer differently from the generation prompt; labels cannot be aligned")
+                            "answer differently from the generation prompt; labels cannot be aligned")
         tail = full[len(gen):]
         if not tail.startswith(answer):
             raise UserError(f"build_chat_example: the chat template changed the answer text "
-                             f"(rendered {tail[:60]!r}); use a template that copies it verbatim")
+                            f"(rendered {tail[:60]!r}); use a template that copies it verbatim")
         answer_ids, end_ids = tok.encode(answer), tok.encode(tail[len(answer):])
         eos = set(tok.eos_token_ids)
         stop = next((k for k, t in enumerate(end_ids) if t in eos), None)
         if stop is None:
             raise UserError(f"build_chat_example: the assistant turn ends with {tail[len(answer):]!r}, "
-                             f"which holds none of the tokenizer's eos ids {sorted(eos)}; fix the "
-                             "tokenizer's eos tokens or generation would never stop")
+                            f"which holds none of the tokenizer's eos ids {sorted(eos)}; fix the "
+                            "tokenizer's eos tokens or generation would never stop")
         # supervise the answer and the end-of-turn token; what follows it (a newline) is not predicted
         input_ids = input_ids + answer_ids + end_ids
         labels = labels + answer_ids + end_ids[:stop + 1] + [IGNORE_INDEX] * (len(end_ids) - stop - 1)

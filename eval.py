@@ -184,7 +184,7 @@ def main(argv):
                      or not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)
                      or (os.path.exists(path) and not os.access(path, os.W_OK))):
             raise UserError(f"{flag}={path}: cannot write a file there (a folder, a missing or read-only "
-                             "parent folder); give a file path")
+                            "parent folder); give a file path")
     seed_everything(config.seed)
     model = (load_untrained(config.checkpoint, device) if config.untrained
              else LLaVASLT.load(config.checkpoint, VCPModel.load, dtype=dtype, device=device)).to(device, dtype)

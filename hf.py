@@ -45,7 +45,7 @@ def read_json(path: str, what: str = "file"):
             return json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e}); the file is truncated or corrupt: "
-                         "write it again (re-run the stage that made it, or re-download it)") from None
+                        "write it again (re-run the stage that made it, or re-download it)") from None
 
 
 def _write_json(path: str, d):
@@ -97,7 +97,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 def _corrupt(path: str, reason: str) -> ValueError:
     return UserError(f"{path}: not a readable safetensors file ({reason}); it is truncated or corrupt: "
-                      "write it again (re-run the stage that made it, or re-download it)")
+                     "write it again (re-run the stage that made it, or re-download it)")
 
 
 def _header(path: str):
@@ -170,7 +170,7 @@ def copy_strict(own: dict, tensors: dict, where: str, source: dict = None):
     for k, v in tensors.items():
         if v.shape != own[k].shape:
             raise UserError(f"{source.get(k, where)}: {k} has shape {tuple(v.shape)}, "
-                             f"the model expects {tuple(own[k].shape)}")
+                            f"the model expects {tuple(own[k].shape)}")
     with torch.no_grad():
         for k, v in tensors.items():
             own[k].copy_(v)
@@ -196,7 +196,7 @@ def weight_files(folder: str):
             "transformers' save_pretrained(..., safe_serialization=True))"
             if os.path.isfile(os.path.join(folder, "pytorch_model.bin")) else "")
     raise MissingFileError(f"{folder}: no model.safetensors or model.safetensors.index.json; a model folder holds "
-                            f"config.json and safetensors weights (pickled .bin files are not loaded){hint}")
+                           f"config.json and safetensors weights (pickled .bin files are not loaded){hint}")
 
 
 def load_weights(module: nn.Module, folder: str, dtype, device, ignore=()):
@@ -225,7 +225,7 @@ def load_weights(module: nn.Module, folder: str, dtype, device, ignore=()):
             shape = tuple(headers[path][0][key]["shape"])
             if shape != tuple(expected[key].shape):
                 raise UserError(f"checkpoint {path}: {key} has shape {shape}, "
-                                 f"the config expects {tuple(expected[key].shape)}")
+                                f"the config expects {tuple(expected[key].shape)}")
     modules = dict(module.named_modules())
     for path, keys in by_file.items():
         entries, _, start = headers[path]
@@ -283,7 +283,7 @@ def llm_config_fields(d: dict, source: str = "config.json") -> dict:
     model_type = d.get("model_type")
     if model_type not in ("qwen2", "llama"):
         raise UserError(f"{source}: model_type {model_type!r} is not supported "
-                         "(qwen2 for Qwen1.5/2/2.5, llama for Llama-3.x)")
+                        "(qwen2 for Qwen1.5/2/2.5, llama for Llama-3.x)")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in d:
             raise UserError(f"{source}: missing {key}")
@@ -417,7 +417,7 @@ def read_lora(folder: str):
     for p in (path, config_path):
         if not os.path.exists(p):
             raise MissingFileError(f"{p}: not found; an adapter folder holds adapter_model.safetensors "
-                                    "and adapter_config.json")
+                                   "and adapter_config.json")
     tensors = {k.removeprefix("base_model.model."): v for k, v in read_safetensors(path).items()}
     return read_json(config_path), tensors, path
 
@@ -588,8 +588,8 @@ def read_llava_config(folder: str, check_visual: bool = True) -> dict:
         if os.path.isfile(weights) and file_sha256(weights) != config["visual_sha256"]:
             safetensors_metadata(weights)  # a damaged file is named as such, not as another encoder
             raise UserError(f"{weights}: the visual encoder changed since {folder} was trained on it "
-                             "(another sha256); train the connector again on this encoder, or restore "
-                             "the encoder it was trained on")
+                            "(another sha256); train the connector again on this encoder, or restore "
+                            "the encoder it was trained on")
     config["folder"] = folder
     return config
 

@@ -50,7 +50,7 @@ class LLMConfig:
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads {self.num_key_value_heads}")
+                            f"num_key_value_heads {self.num_key_value_heads}")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3"):
             raise UserError(f"rope_type {rope_type!r} is not supported (supported: default, linear, llama3)")

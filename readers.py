@@ -96,7 +96,7 @@ def read_video(path, sample=None) -> np.ndarray:
     path = Path(path)
     if not path.exists():
         raise MissingFileError(f"{path}: no such video file or frame folder; check the path "
-                                "(manifest paths are relative to the manifest file)")
+                               "(manifest paths are relative to the manifest file)")
     if path.is_dir():
         files = frame_files(path)
         if sample is not None:
@@ -153,7 +153,7 @@ def read_manifest(path, check_files: bool = True) -> list:
         vpath = Path(os.path.abspath(path.parent / video))  # absolute paths stay as they are
         if check_files and not vpath.exists():
             raise MissingFileError(f"{path} row {n}: video {vpath} not found; "
-                                    "paths are relative to the manifest file")
+                                   "paths are relative to the manifest file")
         id = str(r.get("id", vpath.stem))
         if id in seen:
             raise DataError(f"{path} row {n}: id {id!r} already used in row {seen[id]}; ids must be unique")
@@ -215,7 +215,7 @@ def read_phoenix(root, split: str, check_files: bool = True) -> list:
         video = frames / name
         if check_files and not video.is_dir():
             raise MissingFileError(f"{csv} line {n}: no frames folder {video}; "
-                                    "extract the frames into features/fullFrame-210x260px/")
+                                   "extract the frames into features/fullFrame-210x260px/")
         rows.append(_row(name, os.path.abspath(video), text, f[col["orth"]] or None, f[col["speaker"]] or None))
     if not rows:
         raise DataError(f"{csv}: no rows")
@@ -248,7 +248,7 @@ def read_csl_daily(root, split: str, check_files: bool = True) -> list:
         video = frames / name
         if check_files and not video.is_dir():
             raise MissingFileError(f"{split_file} line {n}: no frames folder {video} for {name}; "
-                                    "extract the frames into sentence/frames_512x512/")
+                                   "extract the frames into sentence/frames_512x512/")
         signer = re.search(r"_(P\d+)_", name)  # names are S{sentence}_P{signer}_T{take}
         rows.append(_row(name, os.path.abspath(video), text, lab[mcol["gloss"]] or None,
                          signer.group(1) if signer else None))
@@ -270,7 +270,7 @@ def dataset_kind(data) -> str:
         if any(p.glob("*.jsonl")):
             return "manifest"
     raise MissingFileError(f"{p}: not a dataset; give a manifest (.jsonl or a folder of {{split}}.jsonl), "
-                            "a Phoenix-2014T root (annotations/manual/) or a CSL-Daily root (sentence_label/)")
+                           "a Phoenix-2014T root (annotations/manual/) or a CSL-Daily root (sentence_label/)")
 
 
 def load_rows(data, split: str = "train", check_files: bool = True) -> list:

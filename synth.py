@@ -429,7 +429,7 @@ def plan_synthetic(seed: int = 0, n_train: int = 3000, n_dev: int = 200, n_test:
             open_ = [t for t in TEMPLATES if n_held[t.name] < cap[t.name]]
             if not open_:
                 raise UserError(f"synthetic data: n_dev + n_test = {n_dev + n_test} exceeds the "
-                                 f"{sum(cap.values())} held-out combinations the grammar has; ask for fewer")
+                                f"{sum(cap.values())} held-out combinations the grammar has; ask for fewer")
             t = _pick_template(rng, open_)
             rows.append(clip(split, i, t, pools[t.name][n_held[t.name]]))
             n_held[t.name] += 1
@@ -447,7 +447,7 @@ def plan_synthetic(seed: int = 0, n_train: int = 3000, n_dev: int = 200, n_test:
         chosen.append((t, options[int(rng.integers(len(options)))]))
     if len(chosen) > n_train:
         raise UserError(f"synthetic data: n_train={n_train} cannot show all {len(SIGNS)} glosses; "
-                         f"give n_train >= {len(chosen)}")
+                        f"give n_train >= {len(chosen)}")
     while len(chosen) < n_train:
         t = _pick_template(rng, TEMPLATES)
         chosen.append((t, train_pool[t.name][int(rng.integers(len(train_pool[t.name])))]))

@@ -190,7 +190,7 @@ class Tokenizer:
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(path):
             raise MissingFileError(f"{folder}: no tokenizer.json; put the checkpoint's tokenizer.json "
-                                    "(and tokenizer_config.json, generation_config.json) in this folder")
+                                   "(and tokenizer_config.json, generation_config.json) in this folder")
         try:
             backend = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # the Rust side raises a bare Exception on a malformed file
@@ -242,7 +242,7 @@ class Tokenizer:
             got = backend.token_to_id(entry["content"])
             if got != int(idx):
                 raise UserError(f"{config_path}: added token {entry['content']!r} has id {idx} but tokenizer.json "
-                                 f"gives it {got}: the two files come from different checkpoints")
+                                f"gives it {got}: the two files come from different checkpoints")
             present.add(entry["content"])
         for token in special:
             if token not in present:
@@ -336,7 +336,7 @@ class Tokenizer:
             name = os.path.join(self.source, "tokenizer.json") if os.path.isdir(self.source) else self.source
             model = f"the model {where}" if where else "the model"
             raise UserError(f"tokenizer {name} has {n} tokens but {model} has {num_embeddings} embedding rows: "
-                             "use the tokenizer of the same checkpoint")
+                            "use the tokenizer of the same checkpoint")
 
     # -------------------------------------------------------------- chat
     def _builtin_format(self):
@@ -351,8 +351,8 @@ class Tokenizer:
         builtin = self._builtin_format()
         if builtin is None and required:
             raise UserError(f"{self.source}: no chat_template in tokenizer_config.json and the vocabulary has neither "
-                             "ChatML (<|im_start|>, <|im_end|>) nor Llama-3 (<|start_header_id|>) tokens; "
-                             "add a chat_template to tokenizer_config.json")
+                            "ChatML (<|im_start|>, <|im_end|>) nor Llama-3 (<|start_header_id|>) tokens; "
+                            "add a chat_template to tokenizer_config.json")
         return None if builtin is None else builtin[0]
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = True,

@@ -135,7 +135,7 @@ def build_model(config: VLTConfig, dtype) -> tuple:
         check_out(config.out, "vlt", **{"init's LLM": cpt, "init's visual encoder": vcp})
         if model.visual_tokens != config.visual_tokens:
             raise UserError(f"--visual_tokens={config.visual_tokens} but {config.init} was trained with "
-                             f"{model.visual_tokens}")
+                            f"{model.visual_tokens}")
         return model, cpt, vcp
     if not config.cpt or not config.vcp:
         raise UserError("give --cpt (an LLM folder) and --vcp (a visual encoder folder), or --init")
@@ -151,7 +151,7 @@ def encoder_sha256(config: VLTConfig, vcp: str) -> str:
     saved = os.path.join(checkpoint_folder(config.out), "config.json")
     if config.resume and os.path.isfile(saved) and read_json(saved).get("visual_sha256") not in (None, sha256):
         raise UserError(f"--resume: {config.out} was trained on another visual encoder than {vcp} holds now "
-                         "(another sha256); start a new --out, or restore that encoder")
+                        "(another sha256); start a new --out, or restore that encoder")
     return sha256
 
 

@@ -222,11 +222,11 @@ def _prepare(model, dataset, collate_fn, drop_last: bool, config: TrainConfig, d
     total_steps = config.max_steps or config.epochs * batches.batches_per_epoch // config.grad_accum
     if batches.batches_per_epoch == 0:
         raise UserError(f"fit: {len(dataset)} items on {dist.world_size} process(es) fill no batch of "
-                         f"--batch_size={config.batch_size} (drop_last); lower the batch size")
+                        f"--batch_size={config.batch_size} (drop_last); lower the batch size")
     if total_steps < 1:
         raise UserError(f"fit: {len(dataset)} items give no optimizer step with --epochs={config.epochs} "
-                         f"--batch_size={config.batch_size} --grad_accum={config.grad_accum} on {dist.world_size} "
-                         "process(es); raise epochs or lower the batch")
+                        f"--batch_size={config.batch_size} --grad_accum={config.grad_accum} on {dist.world_size} "
+                        "process(es); raise epochs or lower the batch")
     net = model if not dist.ddp else nn.parallel.DistributedDataParallel(
         model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
         find_unused_parameters=find_unused_parameters)

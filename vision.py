@@ -245,7 +245,7 @@ class HierarchicalConfig:
     def __post_init__(self):
         if self.step < 1 or self.window < 0:
             raise UserError(f"hierarchical encoder: step must be >= 1 and window >= 0, "
-                             f"got step={self.step}, window={self.window}")
+                            f"got step={self.step}, window={self.window}")
 
 
 def _rope(n: int, head_dim: int, theta: float, device):  # -> cos, sin (n, head_dim) fp32: the LLM's tables
@@ -430,7 +430,7 @@ class TextEncoder(nn.Module):
             raise UserError(f"{self.path or 'tokenizer'}: no </s> token; not an mBART tokenizer")
         if code is None:
             raise UserError(f"{self.path or 'tokenizer'}: no language code {lang!r}; "
-                             "mBART codes look like de_DE, zh_CN")
+                            "mBART codes look like de_DE, zh_CN")
         n = (max_length or self.config.max_position_embeddings) - 2
         return _tokenize(texts, lambda t: self.tokenizer.encode(t, add_special_tokens=False).ids[:n] + [eos, code],
                          self.config.pad_token_id)
@@ -596,7 +596,7 @@ class VCPModel(nn.Module):
         tokens = self.vit(pixel_values, all_tokens=True)[:, self.vit.num_prefix_tokens:]  # (N, h*w, D)
         if tokens.shape[1] * tokens.shape[2] != self.frame_proj.in_features:
             raise UserError(f"frame_pool flat: frames of {tuple(pixel_values.shape[-2:])} px do not match "
-                             f"image_size {self.config.image_size}")
+                            f"image_size {self.config.image_size}")
         return self.frame_proj(tokens.flatten(1))  # (N, D)
 
     def encode_video(self, frames, frame_mask=None) -> dict:
