@@ -5,7 +5,10 @@ It runs the same scripts with the same flags a GPU user runs (README), only with
     --full_tune=true -> eval.py on the held-out test split (gloss combinations never seen in
     training), and prints BLEU/ROUGE for the untrained pipeline, the language prior alone
     (text-only: the trained LLM with no visual tokens) and the trained model.
-Everything goes under --out (default out/demo); results.json holds the table.
+Everything goes under --out (default out/demo); results.json holds the table. Last, after
+every number, it draws two pictures (plot.py): curves.png, the four training runs' loss and
+learning rate, and examples.png, a few test clips as frame strips with their reference and
+the trained and text-only translations.
 """
 
 import json
@@ -16,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import plot
 from cli import cli, parse_config
 
 PY = sys.executable
@@ -125,6 +129,13 @@ def main(argv):
         r = results[name]
         print(f"{label:26} " + " ".join(f"{r[k]:6.2f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge")))
     print(f"\n{results['seconds']:.0f} s in all; {os.path.join(out, 'results.json')}")
+
+    # pictures last: drawing reads what the stages and eval wrote and changes none of it
+    curves_png, examples_png = os.path.join(out, "curves.png"), os.path.join(out, "examples.png")
+    plot.curves([cpt, vcp, vlt, full], curves_png)
+    plot.examples(data, {labels["test"]: os.path.join(out, "predictions_test.jsonl"),
+                         labels["text_only"]: os.path.join(out, "predictions_text_only.jsonl")}, examples_png)
+    print(f"pictures: {curves_png} (training curves), {examples_png} (test clips and their translations)")
 
 
 if __name__ == "__main__":
