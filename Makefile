@@ -1,10 +1,11 @@
-# Two commands: `make demo` and `make test`. Both install into .venv first.
+# `make demo`, `make test` and `make ablations` (the paper's ablations on the synthetic language,
+# 3 seeds: much longer than the demo). Each installs into .venv first.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo ablations clean
 
 install: $(STAMP)
 
@@ -21,6 +22,9 @@ test: install
 
 demo: install
 	$(PY) demo.py --out=out/demo
+
+ablations: install
+	$(PY) ablations.py --out=out/ablations
 
 clean:
 	rm -rf out .pytest_cache

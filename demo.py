@@ -9,6 +9,8 @@ Everything goes under --out (default out/demo); results.json holds the table. La
 every number, it draws two pictures (plot.py): curves.png, the four training runs' loss and
 learning rate, and examples.png, a few test clips as frame strips with their reference and
 the trained and text-only translations.
+The recipe (every stage's flags) is written once, in the functions below DemoConfig;
+ablations.py (`make ablations`) runs the same recipe with one change per variant.
 """
 
 import json
@@ -42,20 +44,81 @@ class DemoConfig:
     fresh: bool = False              # regenerate the data and retrain every stage
 
 
-def run(title: str, args: list, log_dir: str):
-    """One stage as its own process (as a user would run it); its output goes to a log file."""
-    print(f"== {title}: {' '.join(os.path.basename(a) if a == PY else a for a in [PY] + args)}", flush=True)
+# ----------------------------------------------------------------------------- the recipe
+# Each function returns one stage's command line (script and flags); `config` is a DemoConfig
+# (seed, data counts, steps, time limit). The demo and ablations.py both run these lists.
+
+def _limit(config: DemoConfig) -> str:
+    return f"--time_limit={config.stage_time_limit if config.stage_time_limit else 'none'}"
+
+
+def synth_args(config: DemoConfig, data: str) -> list:
+    return ["synth.py", "--out", data, "--seed", str(config.seed), "--n_train", str(config.n_train),
+            "--n_test", str(config.n_test), "--overwrite=true"]
+
+
+def cpt_args(config: DemoConfig, corpus: str, out: str) -> list:
+    """Stage 1: a tiny Qwen2-shaped LLM and a word-level tokenizer, from scratch, on the corpus."""
+    return ["train_cpt.py", f"--corpus={corpus}", f"--out={out}", "--hidden_size=128", "--num_layers=3",
+            "--num_heads=4", "--num_kv_heads=2", "--intermediate_size=512", "--gloss_repeat=2", "--block_size=64",
+            f"--max_steps={config.cpt_steps}", "--batch_size=64", "--lr=3e-3", "--weight_decay=0.0", "--log_every=50",
+            f"--seed={config.seed}", _limit(config)]
+
+
+def vcp_args(config: DemoConfig, data: str, cpt: str, out: str) -> list:
+    """Stage 2: a tiny ViT on 32 px frames ("flat" frame pooling: see README), 1 local + 1 full layer."""
+    return ["train_vcp.py", f"--data={data}", f"--text_from_llm={cpt}", f"--out={out}", "--image_size=32",
+            "--resize=32", "--stride=2", "--max_frames=64", "--cache_videos=true", "--flip=0", "--rotation=0",
+            "--color_jitter=0.1", "--frame_pool=flat", "--vit_tuning=full", "--vit_dim=64", "--vit_layers=2",
+            "--vit_heads=4", "--patch_size=8", "--dim=128", "--heads=4", "--local_layers=1", "--window=3",
+            "--full_layers=1", "--dropout=0.0", "--clip_dim=128", "--logit_scale_init=30",
+            f"--max_steps={config.vcp_steps}", "--batch_size=64", "--lr=2e-3", "--weight_decay=1e-5", "--log_every=25",
+            f"--seed={config.seed}", "--vit_chunk_size=256", _limit(config)]
+
+
+def vlt_args(config: DemoConfig, data: str, cpt: str, vcp: str, out: str) -> list:
+    """Stage 3a: the connector, on cached word features."""
+    return ["train_vlt.py", f"--data={data}", f"--cpt={cpt}", f"--vcp={vcp}", f"--out={out}",
+            f"--max_steps={config.vlt_steps}", "--batch_size=64", "--lr=2e-3", "--log_every=50",
+            f"--seed={config.seed}", _limit(config)]
+
+
+def full_tune_args(config: DemoConfig, data: str, init: str, out: str) -> list:
+    """Stage 3b: full-tuning from the connector folder (LoRA on the LLM, the encoder unfrozen)."""
+    return ["train_vlt.py", f"--data={data}", f"--init={init}", "--full_tune=true", "--lora_r=8", "--lora_alpha=16",
+            "--augment=false", "--cache_videos=true", f"--out={out}", f"--max_steps={config.full_tune_steps}",
+            "--batch_size=32", "--lr=3e-4", "--log_every=50", f"--seed={config.seed}", _limit(config)]
+
+
+def eval_args(checkpoint: str, data: str, scores: str, predictions: str) -> list:
+    """The held-out test split, beam 4; scores into `scores` (json), translations into `predictions`."""
+    return ["eval.py", f"--checkpoint={checkpoint}", f"--data={data}", "--split=test", "--num_beams=4",
+            f"--json={scores}", f"--predictions={predictions}", "--batch_size=50", "--max_new_tokens=32"]
+
+
+def run_stage(args: list, log: str, name: str) -> float:
+    """One stage as its own process (as a user would run it), its output into the file `log`;
+    returns its seconds. A failure prints the log's tail and stops the program."""
     t0 = time.time()
-    log = os.path.join(log_dir, f"{title.replace(' ', '_')}.log")
     with open(log, "w") as f:
         proc = subprocess.run([PY] + args, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         with open(log) as f:
             tail = f.read().splitlines()[-15:]
         print("\n".join(tail))
-        raise SystemExit(f"demo: {title} failed (exit {proc.returncode}); full log in {log}")
-    print(f"   done in {time.time() - t0:.0f} s (log: {log})", flush=True)
+        raise SystemExit(f"{name} failed (exit {proc.returncode}); full log in {log}")
     return time.time() - t0
+
+
+# ----------------------------------------------------------------------------- the demo
+
+def run(title: str, args: list, log_dir: str):
+    """A stage of the demo: its command line, then its time; its output goes to a log file."""
+    print(f"== {title}: {' '.join(os.path.basename(a) if a == PY else a for a in [PY] + args)}", flush=True)
+    log = os.path.join(log_dir, f"{title.replace(' ', '_')}.log")
+    seconds = run_stage(args, log, f"demo: {title}")
+    print(f"   done in {seconds:.0f} s (log: {log})", flush=True)
+    return seconds
 
 
 def main(argv):
@@ -67,53 +130,28 @@ def main(argv):
     data, cpt, vcp, vlt, full = (os.path.join(out, d) for d in ("data", "cpt", "vcp", "vlt", "vlt_full"))
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
-    limit = f"--time_limit={config.stage_time_limit if config.stage_time_limit else 'none'}"
     seconds = {}
 
     def done(folder):  # a stage that finished before is not run again (unless --fresh=true)
         return not config.fresh and os.path.isfile(os.path.join(folder, "config.json"))
 
     if config.fresh or not os.path.isfile(os.path.join(data, "meta.json")):
-        seconds["data"] = run("synthetic data", ["synth.py", "--out", data, "--seed", str(config.seed),
-                                                 "--n_train", str(config.n_train), "--n_test", str(config.n_test),
-                                                 "--overwrite=true"], logs)
-    # Stage 1: a tiny Qwen2-shaped LLM and a word-level tokenizer, from scratch, on the corpus
+        seconds["data"] = run("synthetic data", synth_args(config, data), logs)
     if not done(cpt):
-        seconds["cpt"] = run("stage 1 CPT", [
-            "train_cpt.py", f"--corpus={data}/corpus.jsonl", f"--out={cpt}", "--hidden_size=128", "--num_layers=3",
-            "--num_heads=4", "--num_kv_heads=2", "--intermediate_size=512", "--gloss_repeat=2", "--block_size=64",
-            f"--max_steps={config.cpt_steps}", "--batch_size=64", "--lr=3e-3", "--weight_decay=0.0", "--log_every=50",
-            f"--seed={config.seed}", limit], logs)
-    # Stage 2: a tiny ViT on 32 px frames ("flat" frame pooling: see README), 1 local + 1 full layer
+        seconds["cpt"] = run("stage 1 CPT", cpt_args(config, f"{data}/corpus.jsonl", cpt), logs)
     if not done(vcp):
-        seconds["vcp"] = run("stage 2 VCP", [
-            "train_vcp.py", f"--data={data}", f"--text_from_llm={cpt}", f"--out={vcp}", "--image_size=32",
-            "--resize=32", "--stride=2", "--max_frames=64", "--cache_videos=true", "--flip=0", "--rotation=0", "--color_jitter=0.1",
-            "--frame_pool=flat", "--vit_tuning=full", "--vit_dim=64", "--vit_layers=2", "--vit_heads=4",
-            "--patch_size=8", "--dim=128", "--heads=4", "--local_layers=1", "--window=3", "--full_layers=1",
-            "--dropout=0.0", "--clip_dim=128", "--logit_scale_init=30", f"--max_steps={config.vcp_steps}",
-            "--batch_size=64", "--lr=2e-3", "--weight_decay=1e-5", "--log_every=25", f"--seed={config.seed}",
-            "--vit_chunk_size=256", limit], logs)
-    # Stage 3: the connector on cached word features, then full-tuning
+        seconds["vcp"] = run("stage 2 VCP", vcp_args(config, data, cpt, vcp), logs)
     if not done(vlt):
-        seconds["vlt"] = run("stage 3 VLT connector", [
-            "train_vlt.py", f"--data={data}", f"--cpt={cpt}", f"--vcp={vcp}", f"--out={vlt}",
-            f"--max_steps={config.vlt_steps}", "--batch_size=64", "--lr=2e-3", "--log_every=50",
-            f"--seed={config.seed}", limit], logs)
+        seconds["vlt"] = run("stage 3 VLT connector", vlt_args(config, data, cpt, vcp, vlt), logs)
     if not done(full):
-        seconds["full_tune"] = run("stage 3 VLT full-tune", [
-            "train_vlt.py", f"--data={data}", f"--init={vlt}", "--full_tune=true", "--lora_r=8", "--lora_alpha=16",
-            "--augment=false", "--cache_videos=true", f"--out={full}", f"--max_steps={config.full_tune_steps}",
-            "--batch_size=32", "--lr=3e-4", "--log_every=50", f"--seed={config.seed}", limit], logs)
+        seconds["full_tune"] = run("stage 3 VLT full-tune", full_tune_args(config, data, vlt, full), logs)
 
     results = {}
     rows = [("untrained", full, ["--untrained=true"]), ("text_only", full, ["--text_only=true"]),
             ("connector_only", vlt, []), ("test", full, [])]
     for name, ckpt, extra in rows:
         path = os.path.join(out, f"scores_{name}.json")
-        run(f"eval {name}", ["eval.py", f"--checkpoint={ckpt}", f"--data={data}", "--split=test", "--num_beams=4",
-                             f"--json={path}", f"--predictions={os.path.join(out, f'predictions_{name}.jsonl')}",
-                             "--batch_size=50", "--max_new_tokens=32"] + extra, logs)
+        run(f"eval {name}", eval_args(ckpt, data, path, os.path.join(out, f"predictions_{name}.jsonl")) + extra, logs)
         with open(path) as f:
             results[name] = json.load(f)
     results["seconds"] = round(time.time() - t_start, 1)
