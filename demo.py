@@ -34,7 +34,7 @@ class DemoConfig:
     n_train: int = 3000
     n_test: int = 300
     threads: int = 2                 # torch threads per process (the target machine has 2 cores)
-    cpt_steps: int = 150
+    cpt_steps: int = 400
     vcp_steps: int = 220
     vlt_steps: int = 300
     full_tune_steps: int = 120
