@@ -199,6 +199,13 @@ def _phoenix_root(root: Path) -> Path:
     return root
 
 
+def _frames_folder(video: Path, where: str, layout: str, check_files: bool) -> Path:
+    """A clip's frame folder, which must exist when check_files (the dataset's own layout named)."""
+    if check_files and not video.is_dir():
+        raise MissingFileError(f"{where}: no frames folder {video}; extract the frames into {layout}")
+    return video
+
+
 def read_phoenix(root, split: str, check_files: bool = True) -> list:
     """Phoenix-2014T: annotations/manual/PHOENIX-2014-T.{split}.corpus.csv ('|'-separated,
     name|video|start|end|speaker|orth|translation); frames features/fullFrame-210x260px/{split}/{name}/."""
@@ -212,10 +219,7 @@ def read_phoenix(root, split: str, check_files: bool = True) -> list:
         name, text = f[col["name"]], f[col["translation"]]
         if not text:
             raise DataError(f"{csv} line {n}: empty translation for {name}")
-        video = frames / name
-        if check_files and not video.is_dir():
-            raise MissingFileError(f"{csv} line {n}: no frames folder {video}; "
-                                   "extract the frames into features/fullFrame-210x260px/")
+        video = _frames_folder(frames / name, f"{csv} line {n}", "features/fullFrame-210x260px/", check_files)
         rows.append(_row(name, os.path.abspath(video), text, f[col["orth"]] or None, f[col["speaker"]] or None))
     if not rows:
         raise DataError(f"{csv}: no rows")
@@ -245,10 +249,7 @@ def read_csl_daily(root, split: str, check_files: bool = True) -> list:
         text = "".join(lab[mcol["char"]].split())
         if not text:
             raise DataError(f"{map_file} line {m}: empty char (sentence) column for {name}")
-        video = frames / name
-        if check_files and not video.is_dir():
-            raise MissingFileError(f"{split_file} line {n}: no frames folder {video} for {name}; "
-                                   "extract the frames into sentence/frames_512x512/")
+        video = _frames_folder(frames / name, f"{split_file} line {n}", "sentence/frames_512x512/", check_files)
         signer = re.search(r"_(P\d+)_", name)  # names are S{sentence}_P{signer}_T{take}
         rows.append(_row(name, os.path.abspath(video), text, lab[mcol["gloss"]] or None,
                          signer.group(1) if signer else None))
