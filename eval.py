@@ -27,7 +27,7 @@ from errors import UserError
 from hf import checkpoint_folder, read_json
 from model import LLM, Connector, LLaVASLT, LLMConfig
 from tokenizer import Tokenizer
-from readers import language_of, load_rows, read_video
+from readers import language_of, load_rows, read_sentences, read_video
 from training import seed_everything
 from vision import VCPConfig, VCPModel
 
@@ -67,6 +67,14 @@ def rouge_l(hyp: str, ref: str, beta: float = ROUGE_BETA) -> float:
         return 0.0
     prec, rec = lcs / len(h), lcs / len(r)
     return (1 + beta ** 2) * rec * prec / (rec + beta ** 2 * prec)
+
+
+def bleu_signature() -> str:
+    """sacrebleu's signature of the BLEU computed here (its tokenizer, smoothing and version),
+    printed beside every score so a table says how it was computed."""
+    bleu = BLEU(tokenize="none", max_ngram_order=4, force=True)
+    bleu.corpus_score(["a"], [["a"]])  # sacrebleu knows the reference count only after a score
+    return bleu.get_signature().format()
 
 
 def score(hyps, refs, level: str = "word") -> dict:
@@ -124,6 +132,9 @@ class EvalConfig:
     text_only: bool = False          # no visual tokens: what the language prior alone gives
     untrained: bool = False          # random weights of the same architecture
     predictions: str = ""            # default: <checkpoint>/predictions_<split>.jsonl
+    hypotheses: str = ""             # score a file instead (one sentence a line, or a predictions .jsonl) ...
+    references: str = ""             # ... against this one (default: the .jsonl's own references)
+    level: str = ""                  # word | char; default: the dataset's (word for a file)
     json: str = ""                   # also write the scores here
     device: str = "auto"
     dtype: str = "auto"              # weights and activations: auto = bfloat16 on CUDA, float32 on CPU
@@ -164,8 +175,27 @@ def translate(model: LLaVASLT, tok, system, batch, config: EvalConfig, device) -
     return [tok.decode(row).strip() for row in new.tolist()]
 
 
+def print_scores(scores: dict, what: str):
+    print(what)
+    print(" | ".join(f"{k.upper():>6}" for k in scores))
+    print(" | ".join(f"{v:6.2f}" for v in scores.values()))
+    print(f"BLEU signature: {bleu_signature()}")
+
+
 def main(argv):
     config = parse_config(EvalConfig, argv)
+    if config.level not in ("", "word", "char"):
+        raise UserError(f"--level={config.level}: expected word (Phoenix-2014T) or char (CSL-Daily)")
+    if config.hypotheses:  # any system's outputs, scored exactly as a split is
+        hyps = read_sentences(config.hypotheses, "hypothesis")
+        references = config.references or config.hypotheses
+        refs = read_sentences(references, "reference")
+        if len(hyps) != len(refs):
+            raise UserError(f"{config.hypotheses} has {len(hyps)} sentences, {references} {len(refs)}; "
+                            "give one hypothesis per reference, in the same order")
+        level = config.level or "word"
+        print_scores(score(hyps, refs, level), f"{len(hyps)} sentences, {level}-level, both files as they are")
+        return
     if not config.checkpoint:
         raise UserError("--checkpoint is required: a LLaVA-SLT folder written by train_vlt.py")
     if bool(config.video) == bool(config.data):
@@ -200,7 +230,7 @@ def main(argv):
         return
 
     rows = load_rows(config.data, config.split)
-    language, level = language_of(config.data)
+    level = config.level or language_of(config.data)[1]
     dataset = ClipDataset(rows, transform, max_frames=vc.max_frames, stride=vc.stride, train=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, collate_fn=collate_clips,
                                          num_workers=config.num_workers)
@@ -215,9 +245,7 @@ def main(argv):
     with open(path, "w", encoding="utf-8") as f:
         for i, h, r in zip(ids, hyps, refs):
             f.write(json.dumps({"id": i, "hypothesis": h, "reference": r}, ensure_ascii=False) + "\n")
-    print(f"{config.split}: {len(hyps)} clips, {level}-level, references as the dataset gives them")
-    print(" | ".join(f"{k.upper():>6}" for k in scores))
-    print(" | ".join(f"{v:6.2f}" for v in scores.values()))
+    print_scores(scores, f"{config.split}: {len(hyps)} clips, {level}-level, references as the dataset gives them")
     print(f"predictions: {path}")
     if config.json:
         with open(config.json, "w") as f:

@@ -310,6 +310,26 @@ def language_of(data) -> tuple:
 
 # ---------------------------------------------------------------------------- CPT corpus
 
+def read_sentences(path, field: str = "hypothesis") -> list:
+    """One sentence a line of a plain-text file, or the `field` ("hypothesis" / "reference") of
+    each row of a predictions .jsonl (eval.py writes {"id", "hypothesis", "reference"})."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: not found; give a text file (one sentence a line) or a predictions .jsonl")
+    if path.suffix == ".jsonl":
+        out = []
+        for n, r in _jsonl(path):
+            if not isinstance(r.get(field), str):
+                raise DataError(f"{path} row {n}: no {field!r}; a predictions .jsonl has \"hypothesis\" and "
+                                "\"reference\" in every row")
+            out.append(r[field])
+    else:  # every line counts, an empty one too (an empty translation is a sentence)
+        out = [line.rstrip("\r\n") for _, line in _text_lines(path, "line")]
+    if not out:
+        raise DataError(f"{path}: empty; give one sentence a line")
+    return out
+
+
 def read_corpus(path) -> list:
     """CPT corpus jsonl: rows {"text"} (plain sentences) or {"gloss", "text"} (gloss-text pairs)."""
     path = Path(path)

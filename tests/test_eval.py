@@ -109,3 +109,55 @@ def test_bleu_by_hand_with_a_brevity_penalty():
     assert s["bleu2"] == pytest.approx(100 * bp * (5 / 6 * 4 / 5) ** (1 / 2), abs=1e-9)
     assert s["bleu4"] == pytest.approx(100 * bp * (5 / 6 * 4 / 5 * 3 / 4 * 2 / 3) ** (1 / 4), abs=1e-9)
     assert s["bleu4"] == pytest.approx(64.3187, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------- scoring files
+
+def _main_out(argv, capsys):
+    from eval import main
+    main(argv)
+    return capsys.readouterr().out
+
+
+def test_scoring_files_equals_scoring_a_split(tmp_path, capsys):
+    import json
+    from eval import bleu_signature
+    hyp, ref = tmp_path / "hyp.txt", tmp_path / "ref.txt"
+    hyp.write_text("\n".join(HYPS) + "\n", encoding="utf-8")
+    ref.write_text("\n".join(REFS) + "\n", encoding="utf-8")
+    out = _main_out([f"--hypotheses={hyp}", f"--references={ref}"], capsys)
+    s = score(HYPS, REFS)
+    assert " | ".join(f"{v:6.2f}" for v in s.values()) in out and "4 sentences, word-level" in out
+    sig = bleu_signature()
+    assert f"BLEU signature: {sig}" in out and "tok:none" in sig and "smooth:exp" in sig and "version:2." in sig
+    # eval.py's own predictions file holds both sides
+    preds = tmp_path / "predictions_test.jsonl"
+    preds.write_text("".join(json.dumps({"id": str(i), "hypothesis": h, "reference": r}) + "\n"
+                             for i, (h, r) in enumerate(zip(HYPS, REFS))), encoding="utf-8")
+    assert " | ".join(f"{v:6.2f}" for v in s.values()) in _main_out([f"--hypotheses={preds}"], capsys)
+    # characters: the same normalisation on both sides
+    zh_h, zh_r = tmp_path / "zh_h.txt", tmp_path / "zh_r.txt"
+    zh_h.write_text("今天 北京 下雨 。\n", encoding="utf-8")
+    zh_r.write_text("今天北京下雪。\n", encoding="utf-8")
+    out = _main_out([f"--hypotheses={zh_h}", f"--references={zh_r}", "--level=char"], capsys)
+    assert f"{score(['今天北京下雨。'], ['今天北京下雪。'], 'char')['bleu1']:6.2f}" in out
+    assert f"{100 * 6 / 7:6.2f}" in out.splitlines()[2]   # BLEU-1: 6 of 7 characters match (雨 vs 雪)
+
+
+def test_scoring_files_errors_are_one_line(tmp_path, capsys):
+    from cli import cli
+    from eval import main
+    hyp, ref, empty, bad = (tmp_path / n for n in ("hyp.txt", "ref.txt", "empty.txt", "latin1.txt"))
+    hyp.write_text("a b\nc d\n", encoding="utf-8")
+    ref.write_text("a b\n", encoding="utf-8")
+    empty.write_text("", encoding="utf-8")
+    bad.write_bytes("gr\xfc\xdfe\n".encode("latin-1"))
+    for argv, match in (([f"--hypotheses={hyp}", f"--references={ref}"], "has 2 sentences, .*ref.txt 1"),
+                        ([f"--hypotheses={empty}", f"--references={ref}"], "empty.txt: empty"),
+                        ([f"--hypotheses={bad}", f"--references={ref}"], "latin1.txt line 1: not UTF-8"),
+                        ([f"--hypotheses={hyp}", f"--references={tmp_path / 'nope.txt'}"], "nope.txt: not found"),
+                        ([f"--hypotheses={hyp}", f"--references={hyp}", "--level=chars"], "--level=chars")):
+        with pytest.raises(SystemExit):
+            cli(main, argv)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and __import__("re").search(match, err), err
