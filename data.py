@@ -258,13 +258,15 @@ def chat_prefix_ids(tok, system) -> list:
     return example["input_ids"][:example["visual_start"]]
 
 
-def build_chat_example(tok, system, user, answer=None, visual_slot_id=None) -> dict:
+def build_chat_example(tok, system, user, answer=None, visual_slot_id=None, max_length: int = 0,
+                       clip: str = "") -> dict:
     """Token ids and labels of one chat turn: system, user, and (for training) the answer.
 
     `user` is text (gloss sequence, CPT) or an int n: n visual-token slots (VLT) filled with
     `visual_slot_id` (default the pad id), replaced by connector outputs inside the model.
     Segments are tokenised on their own and concatenated, so the slots and the answer sit at
     known positions. Labels are IGNORE_INDEX except the answer and the end-of-turn token.
+    max_length > 0: a longer example stops here with one line naming `clip`, not past the LLM's positions.
     """
     is_visual = isinstance(user, (int, np.integer)) and not isinstance(user, bool)
     if answer is not None:
@@ -308,6 +310,10 @@ def build_chat_example(tok, system, user, answer=None, visual_slot_id=None) -> d
         # supervise the answer and the end-of-turn token; what follows it (a newline) is not predicted
         input_ids = input_ids + answer_ids + end_ids
         labels = labels + answer_ids + end_ids[:stop + 1] + [IGNORE_INDEX] * (len(end_ids) - stop - 1)
+    if max_length and len(input_ids) > max_length:
+        raise DataError(f"clip {clip}: its prompt with {n_visual} visual tokens"
+                        f"{' and its answer' if answer is not None else ''} is {len(input_ids)} tokens, more than the "
+                        f"{max_length} positions the LLM has for it; lower --max_frames or raise --stride")
     return {"input_ids": input_ids, "labels": labels, "visual_start": visual_start, "n_visual": n_visual}
 
 

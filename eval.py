@@ -166,7 +166,9 @@ def translate(model: LLaVASLT, tok, system, batch, config: EvalConfig, device) -
     else:
         frames = batch["frames"].to(device, model.connector_dtype())
         feats, mask = model.visual_features(frames, batch["frame_mask"].to(device))
-    examples = [build_chat_example(tok, system, int(n)) for n in mask.sum(1).tolist()]
+    limit = model.llm.config.max_position_embeddings - config.max_new_tokens  # the answer needs its positions too
+    examples = [build_chat_example(tok, system, int(n), max_length=limit, clip=clip)
+                for n, clip in zip(mask.sum(1).tolist(), batch["ids"])]
     prompt = {k: v.to(device) for k, v in collate_vlt(examples, tok.pad_token_id, padding_side="left").items()}
     new = model.generate(prompt["input_ids"], prompt["attention_mask"], prompt["slot_mask"], feats, mask,
                          max_new_tokens=config.max_new_tokens, num_beams=config.num_beams,

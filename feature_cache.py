@@ -83,10 +83,10 @@ class CachedVLTDataset(torch.utils.data.Dataset):
     """Cached visual tokens + the chat example with one slot per token and the answer. Nothing
     here changes between epochs, so the examples are built (chat template, tokenizer) once."""
 
-    def __init__(self, rows, features, tok, system):
+    def __init__(self, rows, features, tok, system, max_length: int = 0):
         self.features = [features[row["id"]] for row in rows]
-        self.examples = [build_chat_example(tok, system, len(f), answer=row["text"])
-                         for row, f in zip(rows, self.features)]
+        self.examples = [build_chat_example(tok, system, len(f), answer=row["text"], max_length=max_length,
+                                            clip=row["id"]) for row, f in zip(rows, self.features)]
 
     def __len__(self):
         return len(self.examples)

@@ -23,7 +23,7 @@ from losses import lm_loss
 from model import LLM, LLMConfig, apply_lora
 from readers import read_corpus
 from tokenizer import Tokenizer
-from training import TrainConfig, fit, make_optimizer, seed_everything, trainable_in_fp32
+from training import TrainConfig, fit, make_optimizer, parameter_counts, seed_everything, trainable_in_fp32
 
 
 @dataclass
@@ -83,6 +83,7 @@ def main(argv):
     if config.lora_r > 0:
         llm.requires_grad_(False)
         apply_lora(llm, tuple(config.lora_targets.split(",")), config.lora_r, config.lora_alpha)
+    dist.log(parameter_counts(llm, {"LLM": ""}))
     trainable_in_fp32(llm)
     optimizer = make_optimizer(llm, config.lr, config.weight_decay)
 

@@ -28,7 +28,7 @@ from data import ClipDataset, VideoTransform, collate_clips
 from errors import UserError
 from losses import clip_loss, signcl_loss, symmetric_cross_entropy
 from readers import language_of, load_rows
-from training import TrainConfig, fit, make_optimizer, seed_everything, trainable_in_fp32
+from training import TrainConfig, fit, make_optimizer, parameter_counts, seed_everything, trainable_in_fp32
 from vision import HierarchicalConfig, VCPConfig, VCPModel, ViTConfig, load_text_encoder, text_encoder_from_llm
 
 LANG_CODES = {"German": "de_DE", "Chinese": "zh_CN"}  # mBART's language codes
@@ -130,6 +130,9 @@ def main(argv):
     check_out(config.out, "vcp", data=config.data, text_encoder=config.text_encoder,
               text_from_llm=config.text_from_llm, vit=config.vit)
     dist = setup_distributed(config.device)
+    if config.batch_size * dist.world_size < 2:  # CLIP's negatives are the batch's other pairs
+        raise UserError(f"--batch_size={config.batch_size} on {dist.world_size} process(es): a contrastive batch of "
+                        "one pair has no negatives (its loss is 0, or NaN); give at least 2 pairs per step")
     seed_everything(config.seed)  # the same initial weights on every rank
 
     rows = load_rows(config.data, config.split)
@@ -158,6 +161,9 @@ def main(argv):
     model.config.text_encoder_path = os.path.relpath(os.path.abspath(teacher), os.path.abspath(config.out))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dist.log(f"{len(rows)} clips ({language}); VCP model {n_train / 1e6:.2f}M trainable parameters")
+    dist.log(parameter_counts(model, {"ViT": ("vit.", "frame_proj."), "local": "hier.local.", "full": "hier.full.",
+                                      "hierarchical": "hier.", "teacher": "text_encoder.",
+                                      "CLIP heads": ("video_proj.", "text_proj.", "logit_scale")}))
     trainable_in_fp32(model)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     from bench import activation_line  # a measurement, off the reading path

@@ -34,7 +34,7 @@ from losses import lm_loss
 from model import LLM, Connector, LLaVASLT, PrefixCache, apply_lora
 from readers import language_of, load_rows
 from tokenizer import Tokenizer
-from training import TrainConfig, fit, make_optimizer, seed_everything, trainable_in_fp32
+from training import TrainConfig, fit, make_optimizer, parameter_counts, seed_everything, trainable_in_fp32
 from vision import VCPModel
 
 
@@ -80,8 +80,8 @@ def prompt_system(config: VLTConfig, language: str) -> str:
 class VideoVLTDataset(torch.utils.data.Dataset):
     """Frames (for full-tuning) + the chat example; the slot count follows from the frame count."""
 
-    def __init__(self, clips: ClipDataset, tok, system, n_tokens):
-        self.clips, self.tok, self.system, self.n_tokens = clips, tok, system, n_tokens
+    def __init__(self, clips: ClipDataset, tok, system, n_tokens, max_length: int = 0):
+        self.clips, self.tok, self.system, self.n_tokens, self.max_length = clips, tok, system, n_tokens, max_length
 
     @property
     def in_memory(self) -> bool:
@@ -96,7 +96,8 @@ class VideoVLTDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         clip = self.clips[i]
         n = self.n_tokens(clip["frames"].shape[0])
-        return {**clip, **build_chat_example(self.tok, self.system, n, answer=clip["text"])}
+        return {**clip, **build_chat_example(self.tok, self.system, n, answer=clip["text"],
+                                             max_length=self.max_length, clip=clip["id"])}
 
 
 def collate_video(items, pad_id):
@@ -175,13 +176,13 @@ def set_trainable(model: LLaVASLT, config: VLTConfig):
                              and "mask_token" not in name))
 
 
-def video_data(config: VLTConfig, vc, rows, dev_rows, tok, system) -> tuple:
+def video_data(config: VLTConfig, vc, rows, dev_rows, tok, system, max_length: int) -> tuple:
     """Full-tuning: (dataset, collate, dev) of frames, prepared as the encoder's config `vc` says;
     one visual token per downsampled frame position (word or sentence level)."""
     clips = ClipDataset(rows, VideoTransform(vc.image_size, vc.resize, train=config.augment),
                         max_frames=vc.max_frames, stride=vc.stride, train=True, seed=config.seed,
                         cache_videos=config.cache_videos)
-    dataset = VideoVLTDataset(clips, tok, system, lambda T: math.ceil(T / vc.hier.step))
+    dataset = VideoVLTDataset(clips, tok, system, lambda T: math.ceil(T / vc.hier.step), max_length)
     dev = dict(clips=ClipDataset(dev_rows, VideoTransform(vc.image_size, vc.resize, train=False),
                                  max_frames=vc.max_frames, stride=vc.stride, train=False))
     return dataset, lambda items: collate_video(items, tok.pad_token_id), dev
@@ -197,7 +198,8 @@ def cached_data(config: VLTConfig, model, rows, dev_rows, tok, system, vcp, visu
         path = os.path.join(cache_dir, f"{split}-{config.visual_tokens}.safetensors")
         key = fingerprint(vcp_read, split_rows, config.visual_tokens, visual_sha256)
         return build_cache(path, model, split_rows, dist, config.batch_size, workers, key)
-    dataset = CachedVLTDataset(rows, features(config.split, rows), tok, system)
+    dataset = CachedVLTDataset(rows, features(config.split, rows), tok, system,
+                               model.llm.config.max_position_embeddings)
     dev = dict(features=features(config.dev_split, dev_rows) if dev_rows else {})
     return dataset, lambda items: collate_cached(items, tok.pad_token_id), dev
 
@@ -223,7 +225,8 @@ def main(argv):
     tok.check_fits(model.llm.config.vocab_size, cpt)
     set_trainable(model, config)
     if config.full_tune:  # frames through the encoder that trains
-        dataset, collate, dev = video_data(config, model.visual_encoder.config, rows, dev_rows, tok, system)
+        dataset, collate, dev = video_data(config, model.visual_encoder.config, rows, dev_rows, tok, system,
+                                           model.llm.config.max_position_embeddings)
     else:
         dataset, collate, dev = cached_data(config, model, rows, dev_rows, tok, system, vcp, visual_sha256,
                                             cache_dir, dist)
@@ -231,6 +234,9 @@ def main(argv):
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dist.log(f"{len(rows)} clips ({language}); {n_train / 1e6:.3f}M trainable parameters"
              f"{' (full-tune)' if config.full_tune else ' (connector)'}")
+    dist.log(parameter_counts(model, {"connector": "connector.", "LLM": "llm.", "ViT": "visual_encoder.vit.",
+                                      "local": "visual_encoder.hier.local.", "full": "visual_encoder.hier.full.",
+                                      "visual encoder": "visual_encoder."}))
     trainable_in_fp32(model)  # the connector (and LoRA, the tuned encoder) in fp32 beside a bf16 LLM
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
 

@@ -199,6 +199,19 @@ def trainable_in_fp32(model: nn.Module) -> nn.Module:
     return model
 
 
+def parameter_counts(model: nn.Module, parts: dict) -> str:
+    """One log line of what trains: trainable / frozen parameters per part. `parts`: {label: name
+    prefix (or a tuple of them)}, the first match counts a parameter; LoRA adapters are counted
+    apart as "<label> LoRA"; what no prefix matches is "other"."""
+    counts = {}
+    for name, p in model.named_parameters():
+        label = next((label for label, prefix in parts.items() if name.startswith(prefix)), "other")
+        label += " LoRA" if ".lora_" in name else ""
+        counts.setdefault(label, [0, 0])[0 if p.requires_grad else 1] += p.numel()
+    return "parameters, trainable / frozen: " + ", ".join(
+        f"{label} {t / 1e6:.3g}M / {f / 1e6:.3g}M" for label, (t, f) in counts.items())
+
+
 # ----------------------------------------------------------------------------- the training loop
 
 def _prepare(model, dataset, collate_fn, drop_last: bool, config: TrainConfig, dist: Optional[Dist], stage: str,

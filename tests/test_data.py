@@ -346,3 +346,13 @@ def test_cpt_dataset_supervises_blocks_fully_and_pairs_on_the_answer():
     assert supervised[:len(answer)] == answer and len(supervised) == len(answer) + 1   # + the end-of-turn token
     assert tok.decode(supervised[len(answer):], skip_special_tokens=False).strip() in ("<|im_end|>", "<|eot_id|>")
     assert "MONTAG" in tok.decode(pair["input_ids"]) and tok.encode("MONTAG")[0] not in supervised
+
+
+def test_chat_example_longer_than_the_llm_stops_naming_the_clip(wordlevel):
+    tok = wordlevel
+    ex = data.build_chat_example(tok, system_prompt("German"), 10, answer=ANSWER)
+    n = len(ex["input_ids"])
+    assert data.build_chat_example(tok, system_prompt("German"), 10, answer=ANSWER, max_length=n) == ex
+    with pytest.raises(data.DataError, match=rf"clip c7: its prompt with 10 visual tokens and its answer is {n} "
+                                             rf"tokens, more than the {n - 1} positions"):
+        data.build_chat_example(tok, system_prompt("German"), 10, answer=ANSWER, max_length=n - 1, clip="c7")

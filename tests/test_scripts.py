@@ -20,6 +20,7 @@ layer, patch 8, encoder width 32 with 1 local + 1 full layer, flat frame pooling
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -696,6 +697,15 @@ def test_eval_checks_its_outputs_before_translating(pipe, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_a_prompt_longer_than_the_llm_stops_naming_the_clip(pipe, tmp_path, capsys):
+    limit = LLM.from_pretrained(LLaVASLT.read_config(str(pipe.vlt))["llm"]).config.max_position_embeddings
+    line = cli_error(eval_cli.main, [f"--checkpoint={pipe.vlt}", f"--data={pipe.data}", "--split=test",
+                                     f"--max_new_tokens={limit - 8}", f"--json={tmp_path / 's.json'}",
+                                     f"--predictions={tmp_path / 'p.jsonl'}"], capsys)
+    assert re.match(r"error: clip \S+: its prompt with \d+ visual tokens is \d+ tokens, more than the 8 positions", line)
+
+
+@pytest.mark.slow
 def test_a_data_error_in_a_loader_worker_is_one_line(pipe, tmp_path, capsys):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"\x00" * 4000)
@@ -814,3 +824,14 @@ def test_vcp_objective_is_clip_plus_weighted_signcl():
     torch.manual_seed(1)
     ref, = torch.autograd.grad(0.25 * signcl_loss(words, out["word_mask"], text_words), words)
     torch.testing.assert_close(grad, ref)             # the word features learn from SignCL, weighted
+
+
+def test_vcp_refuses_a_contrastive_batch_of_one_pair_at_start_up(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "llm").mkdir()
+    with pytest.raises(SystemExit):
+        cli(train_vcp.main, [f"--data={tmp_path / 'data'}", f"--text_from_llm={tmp_path / 'llm'}",
+                             f"--out={tmp_path / 'out'}", "--batch_size=1", "--device=cpu"])
+    err = capsys.readouterr().err
+    assert err.startswith("error: --batch_size=1 on 1 process(es): a contrastive batch of one pair has no negatives")
+    assert err.count("\n") == 1

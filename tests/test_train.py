@@ -872,3 +872,15 @@ def test_persistent_workers_draw_each_epochs_randomness(tmp_path):
     assert seen[2][0] == seen[0][0]                     # the same batches, bit for bit
     assert seen[2][2] == seen[0][2] == [0] * 4 + [1] * 4 + [2] * 4
     assert len(seen[2][1]) == 2 and os.getpid() not in seen[2][1]   # two workers, the same ones every epoch
+
+
+def test_parameter_counts_say_what_trains():
+    from model import apply_lora
+    from training import parameter_counts
+    net = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))   # 15 and 8 parameters
+    net[0].requires_grad_(False)
+    assert parameter_counts(net, {"first": "0.", "second": "1."}) == \
+        "parameters, trainable / frozen: first 0M / 1.5e-05M, second 8e-06M / 0M"
+    apply_lora(net, targets=("0",), r=2, alpha=4)               # A (2x4) and B (3x2): 14 trainable
+    line = parameter_counts(net, {"first": "0."})
+    assert line == "parameters, trainable / frozen: first 0M / 1.5e-05M, first LoRA 1.4e-05M / 0M, other 8e-06M / 0M"
