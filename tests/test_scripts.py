@@ -212,7 +212,8 @@ def test_trilogy_end_to_end(pipe, tmp_path):
     assert out[0] == "test: 8 clips, word-level, references as the dataset gives them"
     assert [c.strip() for c in out[1].split("|")] == ["BLEU1", "BLEU2", "BLEU3", "BLEU4", "ROUGE"]
     assert [float(c) for c in out[2].split("|")] == [round(scores[k], 2) for k in scores]
-    assert out[3] == f"predictions: {full / 'predictions_test.jsonl'}"
+    assert out[3] == f"BLEU signature: {eval_cli.bleu_signature()}"
+    assert out[4] == f"predictions: {full / 'predictions_test.jsonl'}"
 
     # one video: one line, the same sentence the batched split translation gave that clip
     clip = test_rows[0]
