@@ -26,8 +26,8 @@ from data import ClipDataset, VideoTransform, build_chat_example, collate_clips,
 from errors import UserError
 from hf import checkpoint_folder, read_json
 from model import LLM, Connector, LLaVASLT, LLMConfig
-from tokenizer import Tokenizer
 from readers import language_of, load_rows, read_sentences, read_video
+from tokenizer import Tokenizer
 from training import seed_everything
 from vision import VCPConfig, VCPModel
 

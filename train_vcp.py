@@ -159,8 +159,7 @@ def main(argv):
     # from the LLM is written beside the visual encoder as a real mBART-format folder
     teacher = os.path.join(config.out, "text_encoder") if config.text_from_llm else config.text_encoder
     model.config.text_encoder_path = os.path.relpath(os.path.abspath(teacher), os.path.abspath(config.out))
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    dist.log(f"{len(rows)} clips ({language}); VCP model {n_train / 1e6:.2f}M trainable parameters")
+    dist.log(f"{len(rows)} clips ({language})")
     dist.log(parameter_counts(model, {"ViT": ("vit.", "frame_proj."), "local": "hier.local.", "full": "hier.full.",
                                       "hierarchical": "hier.", "teacher": "text_encoder.",
                                       "CLIP heads": ("video_proj.", "text_proj.", "logit_scale")}))

@@ -231,9 +231,7 @@ def main(argv):
         dataset, collate, dev = cached_data(config, model, rows, dev_rows, tok, system, vcp, visual_sha256,
                                             cache_dir, dist)
         model.visual_encoder = None  # not needed while training on the cache; saved by path
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    dist.log(f"{len(rows)} clips ({language}); {n_train / 1e6:.3f}M trainable parameters"
-             f"{' (full-tune)' if config.full_tune else ' (connector)'}")
+    dist.log(f"{len(rows)} clips ({language}); {'full-tune' if config.full_tune else 'connector'}")
     dist.log(parameter_counts(model, {"connector": "connector.", "LLM": "llm.", "ViT": "visual_encoder.vit.",
                                       "local": "visual_encoder.hier.local.", "full": "visual_encoder.hier.full.",
                                       "visual encoder": "visual_encoder."}))
