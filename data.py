@@ -387,3 +387,9 @@ class CorpusDataset(torch.utils.data.Dataset):
             rng = np.random.default_rng([self.seed, self.epoch, i])
             glosses = [g for g in glosses for _ in range(rng.integers(1, self.repeat + 1))]
         return build_chat_example(self.tok, self.system, " ".join(glosses), answer=pair["text"])
+
+
+if __name__ == "__main__":  # `python data.py check --data=ROOT`: the dataset doctor, in doctor.py
+    import sys
+    from doctor import command
+    command(sys.argv[1:])
