@@ -100,15 +100,18 @@ def _frames(video: Path, decode: bool):
         if video.stat().st_size == 0:
             return None, ("empty media", "0 bytes")
         if not decode:
-            with av.open(str(video)) as c:
-                n = c.streams.video[0].frames if c.streams.video else 0
+            try:
+                with av.open(str(video)) as c:
+                    n = c.streams.video[0].frames if c.streams.video else 0
+            except av.FFmpegError:
+                n = 0  # decoding below names the fault as training's reader would
             if n:
                 return n, None  # else the container does not store it (e.g. webm): decode
         counts = []
         # only the count is needed: every frame is decoded, none is converted to RGB
         readers.read_video(video, sample=lambda n: counts.append(n) or [])
         return counts[0], None
-    except (DataError, OSError, av.FFmpegError) as e:  # OSError: permissions; FFmpegError: the header path
+    except (DataError, OSError) as e:  # OSError: a folder or file we may not read
         return None, ("unreadable media", _reason(e, video))
 
 

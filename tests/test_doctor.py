@@ -80,3 +80,115 @@ dev:
   vocabulary: 2 words (1 not in train); sentence length in words: min 2 / median 2 / max 2
 result: 5 problem(s) stop training: empty sentences 1, missing media 1, empty media 2, unreadable media 1
 """
+
+
+def test_header_counts_equal_decoded_counts(tmp_path, capsys):
+    # --decode=false reads frame counts from the mp4 header and the folder's file names
+    make_faulty(tmp_path)
+    decoded = run([f"--data={tmp_path}", "--max_frames=10"], capsys)
+    assert run([f"--data={tmp_path}", "--max_frames=10", "--decode=false"], capsys) == decoded
+
+
+def test_clean_tree_exits_0_from_the_command_line(tmp_path):
+    (tmp_path / "videos").mkdir()
+    write_mp4(tmp_path / "videos" / "a.mp4", colour_clip(5, 16))
+    write_frames(tmp_path / "frames" / "b", range(3))
+    _manifest(tmp_path / "train.jsonl", [{"id": "a", "video": "videos/a.mp4", "text": "guten morgen"},
+                                         {"id": "b", "video": "frames/b", "text": "gute nacht ."}])
+    p = subprocess.run([sys.executable, "data.py", "check", f"--data={tmp_path}"], cwd=ROOT, capture_output=True,
+                       text=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert (p.returncode, p.stderr) == (0, "")
+    assert p.stdout == f"""dataset: {tmp_path} (a manifest; German: words)
+train:
+  rows: 2
+  every row has a sentence and readable media
+  frames per clip (2 read): min 3 / median 4 / max 5
+  clips longer than --max_frames=256: 0
+  vocabulary: 5 words; sentence length in words: min 2 / median 2.5 / max 3
+result: nothing stops training
+"""
+
+
+def test_bad_rows_many_names_and_unreadable_manifests(tmp_path, capsys):
+    write_frames(tmp_path / "ok", range(2))
+    rows = [{"id": "ok", "video": "ok", "text": "hallo"}, {"id": "ok", "video": "ok", "text": "doppelt"},
+            {"id": "novideo", "text": "hallo"}]
+    _manifest(tmp_path / "train.jsonl", rows + [{"id": f"m{i:02d}", "video": f"m{i:02d}.mp4", "text": "weg"}
+                                                for i in range(23)])
+    (tmp_path / "dev.jsonl").write_text('{"id": "x", "video": "ok", "text": "hallo"}\n{"id": "y"\n')
+    (tmp_path / "test.jsonl").write_bytes(b'{"id": "x", "video": "ok", "text": "gr\xfc\xdf"}\n')
+    code, out, _ = run([f"--data={tmp_path}"], capsys)
+    assert code == 1
+    missing = "\n".join(f"    m{i:02d} m{i:02d}.mp4" for i in range(20))
+    assert f"""train:
+  rows: 24
+  bad rows: 2
+    train.jsonl row 2: id 'ok' already used in row 1
+    train.jsonl row 3: no 'video'
+  missing media: 23
+{missing}
+    ... and 3 more
+  frames per clip (1 read): min 2 / median 2 / max 2
+""" in out
+    assert f"""dev:
+  unreadable manifest: 1
+    {tmp_path}/dev.jsonl row 2: bad json (Expecting ',' delimiter); write one JSON object per line
+test:
+  unreadable manifest: 1
+    {tmp_path}/test.jsonl row 1: not UTF-8 (byte b'\\xfc' at column 39); save the file as UTF-8
+result: 27 problem(s) stop training: unreadable manifest 2, bad rows 2, missing media 23
+""" in out
+
+
+def _phoenix_all_splits(root):
+    make_phoenix(root, "dev")
+    csv = root / "annotations" / "manual" / "PHOENIX-2014-T.dev.corpus.csv"
+    for split in ("train", "test"):
+        shutil.copy(csv, csv.with_name(f"PHOENIX-2014-T.{split}.corpus.csv"))
+        shutil.copytree(root / "features/fullFrame-210x260px/dev", root / f"features/fullFrame-210x260px/{split}")
+
+
+def test_phoenix_against_the_published_counts(tmp_path, capsys, monkeypatch):
+    _phoenix_all_splits(tmp_path)
+    code, out, _ = run([f"--data={tmp_path}"], capsys)
+    assert code == 0 and out.startswith(f"dataset: {tmp_path} (Phoenix-2014T; German: words)\ntrain:\n")
+    assert "  rows: 2, published 7096 (Phoenix-2014T): 7094 fewer\n" in out
+    assert "  rows: 2, published 519 (Phoenix-2014T): 517 fewer\n" in out
+    assert "  rows: 2, published 642 (Phoenix-2014T): 640 fewer\n" in out
+    assert out.count("  frames per clip (2 read): min 3 / median 3 / max 3\n") == 3
+    assert "  vocabulary: 18 words (0 not in train); sentence length in words: min 9 / median 9.5 / max 10\n" in out
+    monkeypatch.setitem(doctor.PUBLISHED, "phoenix", ("Phoenix-2014T", {"train": 2, "dev": 1, "test": 2}))
+    out = run([f"--data={tmp_path}"], capsys)[1]
+    assert out.count(", published 2 (Phoenix-2014T): matches\n") == 2 and "published 1 (Phoenix-2014T): 1 more" in out
+    # a lost annotation file stops training; so does a lost frames folder, named by its clip
+    (tmp_path / "annotations/manual/PHOENIX-2014-T.test.corpus.csv").unlink()
+    shutil.rmtree(tmp_path / "features/fullFrame-210x260px/train/11August_2010_Wednesday_tagesschau-2")
+    code, out, _ = run([f"--data={tmp_path}"], capsys)
+    assert code == 1 and f"""test:
+  unreadable manifest: 1
+    {tmp_path}/annotations/manual/PHOENIX-2014-T.test.corpus.csv: Phoenix-2014T annotation file not found; check the dataset root
+""" in out
+    assert ("  missing media: 1\n    11August_2010_Wednesday_tagesschau-2 "
+            "features/fullFrame-210x260px/train/11August_2010_Wednesday_tagesschau-2\n") in out
+
+
+def test_csl_daily_counts_characters(tmp_path, capsys):
+    make_csl(tmp_path)
+    code, out, _ = run([f"--data={tmp_path}"], capsys)
+    # train: 他的同学是谁？ (7) and 牛奶可以和咖啡一起喝。 (11): 18 characters, all distinct
+    assert out.startswith(f"dataset: {tmp_path} (CSL-Daily; Chinese: characters)\ntrain:\n"
+                          "  rows: 2, published 18401 (CSL-Daily): 18399 fewer\n")
+    assert "  vocabulary: 18 characters; sentence length in characters: min 7 / median 9 / max 11\n" in out
+    # dev: 我累了。: 我 and 了 and 。 are new, 累 too
+    assert "  vocabulary: 4 characters (3 not in train); sentence length in characters: min 4 / median 4 / max 4\n" in out
+    assert code == 1 and "test:\n  unreadable manifest: 1\n" in out and "no rows for split 'test'" in out
+
+
+@pytest.mark.parametrize("argv, match", [
+    ([], "--data is required"), (["--data=."], "no train.jsonl"), (["--data=x", "--max_frames=0"], "--max_frames=0"),
+    (["--frames=3"], "unknown option --frames")])
+def test_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, match):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.jsonl").write_text('{"text": "a"}\n')  # a folder with a jsonl but no split
+    code, out, err = run(argv, capsys)
+    assert code == 1 and out == "" and err.startswith("error: ") and err.count("\n") == 1 and match in err, err
