@@ -7,13 +7,15 @@ the paper's tables:
   punctuation stripping; the text is already tokenized, words separated by spaces).
 - ROUGE-L: per-sentence LCS F-score with beta = 1.2, averaged over sentences, x 100
   (the formula of signjoey's / the original ROUGE's calc_score).
-- Chinese (level="char"): spaces removed, every character a token, before both metrics.
+- Chinese (level="char"): spaces removed, every character a token, before both metrics;
+  level="char_published": the same, but ASCII runs stay glued to the character before them.
 """
 
 import dataclasses
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -39,6 +41,13 @@ ROUGE_BETA = 1.2
 def _char_level(sentence: str) -> str:
     """'我 爱 北京。' -> '我 爱 北 京 。' : drop all whitespace, one token per character."""
     return " ".join("".join(sentence.split()))
+
+
+def _char_published(sentence: str) -> str:
+    """'我有3个 几?' -> '我 有3 个 几?' : all whitespace dropped, one token per character, except that
+    a run of ASCII characters (digits, punctuation, Latin letters) is glued to the character before
+    it (a run opening the sentence is a token of its own): how sltbaselines splits CSL-Daily."""
+    return " ".join(re.findall(r"[^\x00-\x7f][\x00-\x7f]*|[\x00-\x7f]+", "".join(sentence.split())))
 
 
 def _lcs_length(a: list, b: list) -> int:
@@ -82,11 +91,11 @@ def score(hyps, refs, level: str = "word") -> dict:
 
     hyps, refs: lists of raw strings, hyps[i] translating refs[i].
     level: "word" (tokens are the space-separated words, e.g. Phoenix-2014T) or "char"
-    (spaces removed and every character a token, e.g. CSL-Daily).
+    (spaces removed and every character a token, e.g. CSL-Daily) or "char_published" (_char_published).
     Returns {"bleu1", "bleu2", "bleu3", "bleu4", "rouge"}, each in [0, 100].
     """
-    if level not in ("word", "char"):
-        raise UserError(f"score: level={level!r}; use 'word' or 'char'")
+    if level not in ("word", "char", "char_published"):
+        raise UserError(f"score: level={level!r}; use 'word', 'char' or 'char_published'")
     hyps, refs = list(hyps), list(refs)
     if len(hyps) != len(refs):
         raise UserError(f"score: {len(hyps)} hypotheses but {len(refs)} references; give one hypothesis per reference")
@@ -96,8 +105,9 @@ def score(hyps, refs, level: str = "word") -> dict:
         for i, s in enumerate(sentences):
             if not isinstance(s, str):
                 raise TypeError(f"score: {name} {i} is {type(s).__name__}, not str")
-    if level == "char":
-        hyps, refs = [_char_level(s) for s in hyps], [_char_level(s) for s in refs]
+    if level != "word":  # the same tokenisation on both sides
+        split = _char_level if level == "char" else _char_published
+        hyps, refs = [split(s) for s in hyps], [split(s) for s in refs]
 
     out = {}
     for n in range(1, 5):
@@ -134,7 +144,7 @@ class EvalConfig:
     predictions: str = ""            # default: <checkpoint>/predictions_<split>.jsonl
     hypotheses: str = ""             # score a file instead (one sentence a line, or a predictions .jsonl) ...
     references: str = ""             # ... against this one (default: the .jsonl's own references)
-    level: str = ""                  # word | char; default: the dataset's (word for a file)
+    level: str = ""                  # word | char | char_published; default: the dataset's (word for a file)
     json: str = ""                   # also write the scores here
     device: str = "auto"
     dtype: str = "auto"              # weights and activations: auto = bfloat16 on CUDA, float32 on CPU
@@ -186,8 +196,8 @@ def print_scores(scores: dict, what: str):
 
 def main(argv):
     config = parse_config(EvalConfig, argv)
-    if config.level not in ("", "word", "char"):
-        raise UserError(f"--level={config.level}: expected word (Phoenix-2014T) or char (CSL-Daily)")
+    if config.level not in ("", "word", "char", "char_published"):
+        raise UserError(f"--level={config.level}: expected word (Phoenix-2014T), char or char_published (CSL-Daily)")
     if config.hypotheses:  # any system's outputs, scored exactly as a split is
         hyps = read_sentences(config.hypotheses, "hypothesis")
         references = config.references or config.hypotheses

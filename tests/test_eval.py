@@ -161,3 +161,43 @@ def test_scoring_files_errors_are_one_line(tmp_path, capsys):
             cli(main, argv)
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and __import__("re").search(match, err), err
+
+
+# ---------------------------------------------------------------------------- char_published
+
+def test_char_published_glues_ascii_runs_to_the_character_before():
+    from eval import _char_published
+    assert _char_published("我有3个 几?") == "我 有3 个 几?"
+    # a run opening the sentence is its own token; full-width punctuation stays a character
+    assert _char_published("OK, 我 12点到。") == "OK, 我12 点 到 。"
+    assert _char_published("  ") == "" and _char_published("abc") == "abc"
+
+
+def test_char_published_scores_its_own_tokens_on_both_sides():
+    hyps, refs = ["我有5个苹果?", "你 好 吗 ?"], ["我有3个苹果?", "你好吗?"]
+    # char: 我 有 5 个 苹 果 ? / 我 有 3 个 苹 果 ?     char_published: 我 有5 个 苹 果? / 我 有3 个 苹 果?
+    char_h, char_r = ["我 有 5 个 苹 果 ?", "你 好 吗 ?"], ["我 有 3 个 苹 果 ?", "你 好 吗 ?"]
+    pub_h, pub_r = ["我 有5 个 苹 果?", "你 好 吗?"], ["我 有3 个 苹 果?", "你 好 吗?"]
+    char, pub = score(hyps, refs, "char"), score(hyps, refs, "char_published")
+    for n in range(1, 5):
+        assert char[f"bleu{n}"] == pytest.approx(_sacrebleu(char_h, char_r, n), abs=1e-9)
+        assert pub[f"bleu{n}"] == pytest.approx(_sacrebleu(pub_h, pub_r, n), abs=1e-9)
+    # by hand, BLEU-1: char 10 of 11 tokens match, char_published 7 of 8 (有5 is not 有3)
+    assert (char["bleu1"], pub["bleu1"]) == (pytest.approx(100 * 10 / 11), pytest.approx(100 * 7 / 8))
+    # BLEU-4, n-gram matches char 10/11, 7/9, 4/7, 2/5; char_published 7/8, 4/6, 2/4 and 0/2, which
+    # sacrebleu's exp smoothing counts as 1 / (2 * 2); equal lengths, no brevity penalty
+    assert char["bleu4"] == pytest.approx(100 * (10 / 11 * 7 / 9 * 4 / 7 * 2 / 5) ** 0.25, abs=1e-9)
+    assert pub["bleu4"] == pytest.approx(100 * (7 / 8 * 4 / 6 * 2 / 4 * 1 / 4) ** 0.25, abs=1e-9)
+    assert (round(char["bleu4"], 2), round(pub["bleu4"], 2)) == (63.40, 51.96)
+    # ROUGE-L: LCS 6 of 7 vs 4 of 5 tokens on the first sentence, the second identical
+    assert pub["rouge"] == pytest.approx(100 * (4 / 5 + 1) / 2) and char["rouge"] == pytest.approx(100 * (6 / 7 + 1) / 2)
+
+
+def test_char_published_from_the_command_line(tmp_path, capsys):
+    hyp, ref = tmp_path / "hyp.txt", tmp_path / "ref.txt"
+    hyp.write_text("我有5个苹果?\n你 好 吗 ?\n", encoding="utf-8")
+    ref.write_text("我有3个苹果?\n你好吗?\n", encoding="utf-8")
+    out = _main_out([f"--hypotheses={hyp}", f"--references={ref}", "--level=char_published"], capsys)
+    assert out.splitlines()[0] == "2 sentences, char_published-level, both files as they are"
+    assert out.splitlines()[2] == " 87.50 |  76.38 |  66.32 |  51.96 |  90.00"
+    assert out.splitlines()[3].startswith("BLEU signature: nrefs:1|") and "tok:none" in out.splitlines()[3]
