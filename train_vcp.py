@@ -17,7 +17,9 @@ The frozen teacher encodes every training sentence once, before training. The ou
 
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, make_dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +28,10 @@ from checkpoint import check_out
 from cli import cli, flags_of, parse_config, setup_distributed
 from data import ClipDataset, VideoTransform, collate_clips
 from errors import UserError
+from loader import to_device
 from losses import clip_loss, signcl_loss, symmetric_cross_entropy
 from readers import language_of, load_rows
-from training import TrainConfig, fit, make_optimizer, parameter_counts, seed_everything, trainable_in_fp32
+from training import TrainConfig, autocast, fit, make_optimizer, parameter_counts, seed_everything, trainable_in_fp32
 from vision import HierarchicalConfig, VCPConfig, VCPModel, ViTConfig, load_text_encoder, text_encoder_from_llm
 
 LANG_CODES = {"German": "de_DE", "Chinese": "zh_CN"}  # mBART's language codes
@@ -97,6 +100,61 @@ def objective(out: dict, text_words, signcl_weight: float):
     return clip + signcl_weight * signcl, None, {"clip": clip.detach(), "signcl": signcl.detach()}
 
 
+# ----------------------------------------------------------------------------- GradCache
+
+GRAD_KEYS = ("video_emb", "text_emb", "word_features", "logit_scale")  # what the objective differentiates
+
+
+def join(outs: list) -> dict:
+    """Micro-batches' outputs as one batch's: rows concatenated, word features padded to the longest."""
+    T = max(o["word_features"].shape[1] for o in outs)
+    words = torch.cat([F.pad(o["word_features"], (0, 0, 0, T - o["word_features"].shape[1])) for o in outs])
+    mask = torch.cat([F.pad(o["word_mask"], (0, T - o["word_mask"].shape[1])) for o in outs])  # padding: False
+    return {"video_emb": torch.cat([o["video_emb"] for o in outs]),  # (k*b, D)
+            "text_emb": torch.cat([o["text_emb"] for o in outs]),  # (k*b, D)
+            "word_features": words, "word_mask": mask,  # (k*b, T, D), (k*b, T)
+            "logit_scale": outs[-1]["logit_scale"]}  # the same in every micro-batch: its gradient goes to the last
+
+
+def rng_state(device):  # dropout's draws: the CPU's generator and, on CUDA, the device's
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def grad_cache_window(encode, loss_of, net, stream, train_step, grad_accum, dist, precision, scaler, mode):
+    """One accumulation window as ONE contrastive batch of grad_accum x batch_size clips per rank
+    (GradCache, Gao et al. 2021): fit's `accumulate` (`_accumulate`'s arguments and return).
+    Plain accumulation would give CLIP only each micro-batch's negatives. Pass 1 embeds every
+    micro-batch without a graph; the loss over the whole window (CLIP over every rank's window)
+    gives the gradient of each embedding; pass 2 re-runs each micro-batch with a graph, the
+    same dropout draws, and back-propagates its cached gradient. The cost: a second forward."""
+    device, batches, states, cached = dist.device, [], [], []
+    for _ in range(grad_accum):  # pass 1, no graph; the batches (augmented in the loader) are replayed as they are
+        batches.append(to_device(next(stream), device))
+        states.append(rng_state(device))
+        with torch.no_grad(), autocast(device, precision):
+            out = encode(net, batches[-1])
+        cached.append({"word_mask": out["word_mask"], **{k: out[k].float().requires_grad_() for k in GRAD_KEYS}})
+    loss, _, logs = loss_of(join(cached), torch.cat([b["index"] for b in batches]))
+    (loss * grad_accum).backward()  # the leaves' fp32 gradients; fit's step divides a window by grad_accum
+    after = rng_state(device)
+    for i, (batch, leaves) in enumerate(zip(batches, cached)):  # pass 2: one micro-batch's graph at a time
+        set_rng_state(states[i], device)
+        with nullcontext() if not dist.ddp or i == grad_accum - 1 else net.no_sync():  # DDP: reduce once
+            with autocast(device, precision):
+                out = encode(net, batch)
+            surrogate = sum((out[k].float() * leaves[k].grad).sum() for k in GRAD_KEYS if leaves[k].grad is not None)
+            (scaler.scale(surrogate) if scaler is not None else surrogate).backward()  # d surrogate/d out = cached
+    set_rng_state(after, device)  # where the loss left the stream: no draw is used twice
+    logs = {k: float(v) for k, v in logs.items()}
+    return (loss.detach() * grad_accum).double(), torch.zeros((), dtype=torch.float64, device=device), logs, "mean"
+
+
 @torch.no_grad()
 def validate(model: VCPModel, clips: ClipDataset, text_sentence, dist, batch_size: int) -> dict:
     """Dev CLIP loss and video->text recall@1 over the whole dev split (section 3.2; the paper
@@ -148,7 +206,7 @@ def main(argv):
         text_encoder = text_encoder_from_llm(config.text_from_llm, LANG_CODES.values())
     texts, lang = [r["text"] for r in rows], LANG_CODES.get(language, "de_DE")
     text_sentence = encode_sentences(text_encoder, texts, lang, dist.device)
-    text_words = torch.tensor([len(t.split()) if language != "Chinese" else len(t) for t in texts])
+    text_words = torch.tensor([len(t.split()) if language != "Chinese" else len(t) for t in texts], device=dist.device)
     dev_rows = load_rows(config.data, config.dev_split) if config.eval_every else []
     dev_clips = ClipDataset(dev_rows, VideoTransform(size=config.image_size, resize=config.resize, train=False),
                             max_frames=config.max_frames, stride=config.stride, train=False)
@@ -168,9 +226,17 @@ def main(argv):
     from bench import activation_line  # a measurement, off the reading path
     dist.log(activation_line(model.to(dist.device), config, dist.device))  # measured on one frame (bench.py)
 
-    def train_step(model, batch):
-        out = model(batch["frames"], batch["frame_mask"], text_sentence=text_sentence[batch["index"]])
-        return objective(out, text_words[batch["index"]].to(dist.device), config.signcl_weight)
+    negatives = config.batch_size * config.grad_accum * dist.world_size - 1  # per clip, in every step's CLIP loss
+
+    def encode(net, batch):
+        return net(batch["frames"], batch["frame_mask"], text_sentence=text_sentence[batch["index"]])
+
+    def loss_of(out, index):  # Eq. 2 over a micro-batch, or over a window (GradCache)
+        loss, _, logs = objective(out, text_words[index], config.signcl_weight)
+        return loss, None, {**logs, "negatives": negatives}
+
+    def train_step(net, batch):
+        return loss_of(encode(net, batch), batch["index"])
 
     def save(folder):
         model.save(folder)
@@ -180,7 +246,8 @@ def main(argv):
     # drop_last: the CLIP loss needs the same batch on every rank, and a batch of one pair learns nothing
     fit(model, train_step, dataset, optimizer, config, dist, collate_fn=collate_clips, save_fn=save,
         unit="clips", drop_last=True, stage="vcp", metric="dev_loss", higher_is_better=False,
-        evaluate=lambda m: validate(m, dev_clips, dev_sentence, dist, config.batch_size))
+        evaluate=lambda m: validate(m, dev_clips, dev_sentence, dist, config.batch_size),
+        accumulate=partial(grad_cache_window, encode, loss_of) if config.grad_accum > 1 else None)  # k=1: one pass
     dist.log(f"saved {config.out}")
 
 

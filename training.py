@@ -309,12 +309,12 @@ def _update(optimizer, scaler, apply: bool):
 
 
 def _step(net, stream, train_step, optimizer, scaler, params, config: TrainConfig, dist: Dist, precision: str,
-          mode, t_start: float, t_saved: float) -> tuple:
-    """One optimizer step, the same on every rank: the window's forward and backward, the sums
-    over the ranks, the loss rule, clipping, and the update unless the step is not finite.
-    -> (mean loss, grad norm, items, logs, not finite, time to stop, time to save, mode)."""
-    loss_sum, count, logs, mode = _accumulate(net, stream, train_step, config.grad_accum, dist, precision, scaler,
-                                              mode)
+          mode, t_start: float, t_saved: float, accumulate: Optional[Callable] = None) -> tuple:
+    """One optimizer step, the same on every rank: the window's forward and backward (`accumulate`,
+    default `_accumulate`), the sums over the ranks, the loss rule, clipping, and the update unless
+    the step is not finite. -> (mean loss, grad norm, items, logs, not finite, time to stop, time to save, mode)."""
+    loss_sum, count, logs, mode = (accumulate or _accumulate)(net, stream, train_step, config.grad_accum, dist,
+                                                              precision, scaler, mode)
     now = time.perf_counter()
     stop_here = config.time_limit is not None and now - t_start >= config.time_limit
     save_now = config.save_every_minutes > 0 and now - t_saved >= 60 * config.save_every_minutes
@@ -411,13 +411,14 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, config: Trai
         collate_fn: Optional[Callable] = None, save_fn: Optional[Callable[[str], None]] = None,
         unit: str = "items", drop_last: bool = False, find_unused_parameters: bool = False,
         stage: str = "train", evaluate: Optional[Callable[[nn.Module], dict]] = None, metric: str = "",
-        higher_is_better: bool = True) -> dict:
+        higher_is_better: bool = True, accumulate: Optional[Callable] = None) -> dict:
     """Train `model` (the plain module; DDP is wrapped here) on the map-style `dataset` with
     `train_step(model, batch) -> (loss, count[, logs])` (docs/training.md) for config.max_steps
     (or config.epochs) steps or config.time_limit seconds, checkpointing to config.out: weights
     by `save_fn(folder)` (default: model.safetensors + config.json), train_state/ to resume.
     With `evaluate(model) -> {name: float}` and config.eval_every, the folder keeps the best
     `metric`'s weights; config.patience validations without a new best stop the run.
+    `accumulate`, with `_accumulate`'s arguments and return, replaces it for every window (VCP's GradCache).
     Returns {"step", "losses", "stopped" (done|time_limit|patience), "skipped", "best"}."""
     dist, precision, batches, total_steps, net = _prepare(model, dataset, collate_fn, drop_last, config, dist,
                                                           stage, evaluate, metric, find_unused_parameters)
@@ -452,7 +453,8 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, config: Trai
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, grad_norm, items, logs, bad, stop_here, save_now, mode = _step(
-            net, stream, train_step, optimizer, scaler, params, config, dist, precision, mode, t_start, t_saved)
+            net, stream, train_step, optimizer, scaler, params, config, dist, precision, mode, t_start, t_saved,
+            accumulate)
         skipped, bad_in_row = skipped + bad, (bad_in_row + 1) if bad else 0
         if bad:
             _skipped(step, loss, grad_norm, bad_in_row, skipped, config, saved_at, dist, bar)
