@@ -163,6 +163,38 @@ def _language(data: str, texts: list) -> tuple:
         return ("Chinese", "char") if 2 * sum(map(readers._is_cjk, texts)) > len(texts) else ("German", "word")
 
 
+def _print_split(r: dict, published, config: CheckConfig, level: str, train_vocab):
+    """One split's report; returns its vocabulary (dev and test are compared with train's)."""
+    print(f"{r['split']}:")
+    p = r["problems"]
+    if r["rows"] is None:
+        _listed("unreadable manifest", p["unreadable manifest"])
+        return None
+    rows = f"  rows: {r['rows']}"
+    if published and r["split"] in published[1]:
+        want, have = published[1][r["split"]], r["rows"]
+        differs = f"{abs(want - have)} {'fewer' if have < want else 'more'}"
+        rows += f", published {want} ({published[0]}): {'matches' if want == have else differs}"
+    print(rows)
+    for k in STOPS[1:]:
+        if p[k]:
+            _listed(k, p[k])
+    if not any(p[k] for k in STOPS):
+        print("  every row has a sentence and readable media")
+    if r["frames"]:
+        print(f"  frames per clip ({len(r['frames'])} read): {_spread(r['frames'])}")
+    _listed(f"clips longer than --max_frames={config.max_frames}", p["long clips"])
+    tokens = [list("".join(t.split())) if level == "char" else t.split() for t in r["texts"]]
+    if not tokens:
+        return None
+    unit = "character" if level == "char" else "word"
+    vocab = {w for s in tokens for w in s}
+    unseen = f" ({len(vocab - train_vocab)} not in train)" if train_vocab is not None else ""
+    lengths = _spread([len(s) for s in tokens])
+    print(f"  vocabulary: {len(vocab)} {unit}s{unseen}; sentence length in {unit}s: {lengths}")
+    return vocab
+
+
 def check(config: CheckConfig) -> int:
     """Check every split of config.data and print the report; returns the count of problems that stop training."""
     if not config.data:
@@ -172,43 +204,17 @@ def check(config: CheckConfig) -> int:
     kind = readers.dataset_kind(config.data)
     reports = [check_split(config.data, kind, s, m, config) for s, m in _split_sources(config.data, kind)]
     language, level = _language(config.data, [t for r in reports for t in r["texts"]])
-    unit = "character" if level == "char" else "word"
     what = {"manifest": "a manifest", "phoenix": "Phoenix-2014T", "csl_daily": "CSL-Daily"}[kind]
-    print(f"dataset: {config.data} ({what}; {language}: {unit}s)")
-    published = PUBLISHED.get(kind)
+    print(f"dataset: {config.data} ({what}; {language}: {'characters' if level == 'char' else 'words'})")
     train_vocab = None
     for r in reports:
-        print(f"{r['split']}:")
-        p = r["problems"]
-        if r["rows"] is None:
-            _listed("unreadable manifest", p["unreadable manifest"])
-            continue
-        rows = f"  rows: {r['rows']}"
-        if published and r["split"] in published[1]:
-            want = published[1][r["split"]]
-            rows += f", published {want} ({published[0]}): " + (
-                "matches" if want == r["rows"] else f"{abs(want - r['rows'])} {'fewer' if r['rows'] < want else 'more'}")
-        print(rows)
-        for k in STOPS[1:]:
-            if p[k]:
-                _listed(k, p[k])
-        if not any(p[k] for k in STOPS):
-            print("  every row has a sentence and readable media")
-        if r["frames"]:
-            print(f"  frames per clip ({len(r['frames'])} read): {_spread(r['frames'])}")
-        _listed(f"clips longer than --max_frames={config.max_frames}", p["long clips"])
-        tokens = [list("".join(t.split())) if level == "char" else t.split() for t in r["texts"]]
-        if tokens:
-            vocab = {w for s in tokens for w in s}
-            unseen = f" ({len(vocab - train_vocab)} not in train)" if train_vocab is not None else ""
-            print(f"  vocabulary: {len(vocab)} {unit}s{unseen}; sentence length in {unit}s: "
-                  f"{_spread([len(s) for s in tokens])}")
-            if r["split"] == "train":
-                train_vocab = vocab
+        vocab = _print_split(r, PUBLISHED.get(kind), config, level, train_vocab)
+        if r["split"] == "train":
+            train_vocab = vocab
     counts = {k: sum(len(r["problems"][k]) for r in reports) for k in STOPS}
     total = sum(counts.values())
-    print("result: " + (f"{total} problem(s) stop training: " + ", ".join(f"{k} {n}" for k, n in counts.items() if n)
-                        if total else "nothing stops training"))
+    stops = ", ".join(f"{k} {n}" for k, n in counts.items() if n)
+    print(f"result: {total} problem(s) stop training: {stops}" if total else "result: nothing stops training")
     return total
 
 

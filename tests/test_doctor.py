@@ -192,3 +192,14 @@ def test_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, match):
     (tmp_path / "corpus.jsonl").write_text('{"text": "a"}\n')  # a folder with a jsonl but no split
     code, out, err = run(argv, capsys)
     assert code == 1 and out == "" and err.startswith("error: ") and err.count("\n") == 1 and match in err, err
+
+
+def test_a_bad_frame_inside_a_folder(tmp_path, capsys):
+    folder = write_frames(tmp_path / "clip", range(3))
+    (folder / "images0002.png").write_bytes(b"\x89PNG not really")
+    _manifest(tmp_path / "train.jsonl", [{"id": "clip", "video": "clip", "text": "hallo"}])
+    code, out, _ = run([f"--data={tmp_path}"], capsys)
+    assert code == 1 and "  unreadable media: 1\n    clip clip: images0002.png: unreadable image (cannot identify" in out
+    # counting file names alone cannot see it: the price of --decode=false
+    code, out, _ = run([f"--data={tmp_path}", "--decode=false"], capsys)
+    assert code == 0 and "  frames per clip (1 read): min 3 / median 3 / max 3\n" in out
