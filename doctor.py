@@ -132,7 +132,7 @@ def check_split(data: str, kind: str, split: str, manifest, config: CheckConfig)
         n, bad = _frames(video, config.decode)
         name = f"{r['id']} {os.path.relpath(video, data if Path(data).is_dir() else Path(data).parent)}"
         if bad:
-            problems[bad[0]].append(f"{name}: {bad[1]}" if bad[0] == "unreadable media" else name)
+            problems[bad[0]].append(f"{name}: {bad[1]}" if bad[1] else name)
             continue
         frames.append(n)
         if n > config.max_frames:
