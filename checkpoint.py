@@ -10,13 +10,20 @@ that tells a run's folders from a user's, and the resume state, all safetensors 
     capture_train_state / restore_train_state
                                       what an exact resume needs, in memory: trainable weights,
                                       optimizer, GradScaler, every rank's RNG, the data position
+    record_run / record_eval          run.json: how a run was made (config, git commit, versions,
+                                      devices, batches, precision, every start of the run)
 """
 
+import dataclasses
 import json
 import os
+import platform
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from typing import Callable, Optional
 
 import numpy as np
@@ -43,7 +50,8 @@ from hf import RUN_MARKER, checkpoint_folder, copy_strict, is_ours, read_json, r
 
 TRAIN_STATE = "train_state"
 FORMAT = 1
-KEEP = ("metrics.jsonl",)  # written by `fit` straight into the folder, between saves: every save keeps it
+RUN_INFO = "run.json"     # how the run was made (`record_run`)
+KEEP = ("metrics.jsonl", RUN_INFO)  # written by `fit` straight into the folder, between saves: every save keeps it
 
 
 def recover_checkpoint(folder: str):
@@ -304,6 +312,108 @@ def start_run(folder: str, stage: str, step: int):
                 rows.append(line if line.endswith("\n") else line + "\n")
     with open(path, "w") as f:
         f.writelines(rows)
+
+
+# ----------------------------------------------------------------------------- run.json: how a run was made
+
+REPO = os.path.dirname(os.path.abspath(__file__))   # the code that runs: git is asked here, not in the cwd
+PRECISION_OF_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def git_state(folder: str = REPO) -> Optional[dict]:
+    """{"commit", "dirty"} of the git checkout holding `folder` (dirty: tracked files differ
+    from the commit, as `git describe --dirty` says); None without git, outside a repository
+    or when git does not answer within a few seconds. Never an error: a run is not stopped
+    for its record."""
+    # GIT_OPTIONAL_LOCKS=0: `git status` may not take index.lock (a commit at the same moment would fail)
+    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, env=env, capture_output=True, text=True,
+                              timeout=5)
+        if head.returncode != 0:
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder, env=env,
+                                capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device})"
+    return f"{device.type} ({platform.machine() or 'unknown'})"
+
+
+def run_info(config, stage: str, precision: str, devices: list) -> dict:
+    """What run.json holds for one start of a run: the resolved config, the code (git), the
+    versions, one device name per process, the batches and the precision. `precision`:
+    bf16 | fp16 | fp32, as resolved (never "auto")."""
+    world = len(devices)
+    per_process, accum = config.batch_size, getattr(config, "grad_accum", 1)
+    info = {"stage": stage, "config": dataclasses.asdict(config), "git": git_state(),
+            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "devices": devices, "world_size": world,
+            "batch": {"per_process": per_process, "grad_accum": accum, "global": per_process * accum * world},
+            "precision": precision}
+    if stage == "vcp":
+        # the CLIP loss contrasts each clip with every other sentence of the global batch: every
+        # process's (losses.all_gather), every micro-batch of the window (train_vcp's GradCache)
+        info["negatives"] = info["batch"]["global"] - 1
+    return info
+
+
+def write_json_atomic(path: str, obj):
+    """Whole or not at all: a reader never sees half a file (written beside it, then renamed)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _previous_starts(path: str) -> list:
+    try:
+        with open(path, encoding="utf-8") as f:
+            starts = json.load(f).get("starts", [])
+        return starts if isinstance(starts, list) else []
+    except (OSError, ValueError, AttributeError):   # none yet, or not ours to read: the list starts anew
+        return []
+
+
+def record_run(folder: str, stage: str, config, dist, precision: str, step: int) -> dict:
+    """FOLDER/run.json as a run starts at `step` (> 0: resumed from the checkpoint of that step).
+    Collective under DDP (every process's device name is gathered), so every rank calls it;
+    rank 0 writes it, after `start_run`. A resume keeps the earlier starts in "starts"; the
+    other fields are this start's. Every save carries the file (KEEP). Returns the record."""
+    devices = [device_name(dist.device)]
+    if dist.ddp:
+        devices = [None] * dist.world_size
+        torch_dist.all_gather_object(devices, device_name(dist.device))
+    info = run_info(config, stage, precision, devices)
+    path = os.path.join(folder, RUN_INFO)
+    start = {"step": step, "resumed": step > 0, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "git": info["git"], "world_size": info["world_size"], "argv": sys.argv}
+    info["starts"] = (_previous_starts(path) if step > 0 else []) + [start]
+    if dist.is_main:
+        write_json_atomic(path, info)
+    return info
+
+
+def record_eval(config, outputs: list, device, dtype: torch.dtype) -> list:
+    """eval.py's record: `<output stem>.run.json` beside each file it wrote (predictions, --json),
+    e.g. predictions_test.run.json; not run.json, since the default predictions go into the
+    checkpoint's folder, whose run.json is the training run's. Returns the paths written."""
+    info = run_info(config, "eval", PRECISION_OF_DTYPE[str(dtype).removeprefix("torch.")], [device_name(device)])
+    info["starts"] = [{"step": 0, "resumed": False, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       "git": info["git"], "world_size": 1, "argv": sys.argv}]
+    paths = sorted({os.path.splitext(path)[0] + ".run.json" for path in outputs if path})
+    for path in paths:
+        write_json_atomic(path, info)
+    return paths
 
 
 # ----------------------------------------------------------------------------- the resume state in memory

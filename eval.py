@@ -23,6 +23,7 @@ import torch
 from sacrebleu.metrics import BLEU
 from tqdm import tqdm
 
+from checkpoint import record_eval
 from cli import cli, parse_config, resolve_device
 from data import ClipDataset, VideoTransform, build_chat_example, collate_clips, collate_vlt, sample_indices
 from errors import UserError
@@ -262,6 +263,7 @@ def main(argv):
     if config.json:
         with open(config.json, "w") as f:
             json.dump(scores, f, indent=2)
+    record_eval(config, [path, config.json], device, dtype)   # <file stem>.run.json beside each: how it was made
 
 
 if __name__ == "__main__":

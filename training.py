@@ -26,7 +26,9 @@ import torch.nn as nn
 from safetensors.torch import save_model
 from tqdm import tqdm
 
-from checkpoint import capture_train_state, check_out, recover_checkpoint, resume_run, save_checkpoint, start_run
+import tracking
+from checkpoint import (capture_train_state, check_out, record_run, recover_checkpoint, resume_run, save_checkpoint,
+                        start_run)
 from cli import Dist, resolve_device
 from errors import DivergedError, UserError
 from loader import Batches, loader_workers, to_device
@@ -66,6 +68,7 @@ class TrainConfig:
     time_limit: Optional[float] = None   # seconds of training, then save and stop
     num_workers: int = -1                # loader worker processes; -1: auto (a share of the cores on CUDA, 0 on CPU)
     device: str = "auto"                 # auto (cuda if available) | cpu | cuda | cuda:N
+    wandb: str = ""                      # a Weights & Biases project: metrics.jsonl's rows there too (rank 0)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -83,6 +86,7 @@ class TrainConfig:
             raise UserError(f"--pct_start={self.pct_start}: must be between 0 and 1")
         if self.time_limit is not None and self.time_limit <= 0:
             raise UserError(f"--time_limit={self.time_limit}: must be positive seconds (or none)")
+        tracking.check(self.wandb)
 
 
 # ----------------------------------------------------------------------------- precision / seed
@@ -388,6 +392,7 @@ def _validate(model, evaluate, metric: str, higher_is_better: bool, best, bad_ev
 def _append_row(path: str, row: dict):
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+    tracking.log(row)                         # --wandb: the same row
 
 
 def _save_whole(model: nn.Module, config: TrainConfig, folder: str):
@@ -430,6 +435,8 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, config: Trai
     step, best, bad_evals = _resume_or_seed(config, out, optimizer, model, scaler, dist, batches)
     if dist.is_main:
         start_run(out, stage, step)
+    info = record_run(out, stage, config, dist, precision, step)     # out/run.json: how this run was made
+    tracking.start(config.wandb, info, dist, out)
 
     def save(step: int, weights: bool = True) -> tuple:
         """weights=False: the resume state only; the folder keeps the best weights so far."""
@@ -486,4 +493,5 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, config: Trai
     if step > saved_at:
         save(step, weights=not validating or best is None)
     _log_stop(stopped, step, total_steps, best, bad_evals, metric, out, config, dist)
+    tracking.finish()
     return {"step": step, "losses": losses, "stopped": stopped, "skipped": skipped, "best": best}

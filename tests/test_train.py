@@ -495,6 +495,12 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
         key = "loss" if kind == "sum" else "mse"
         np.testing.assert_allclose([r[key] for r in metrics(tmp_path / name)],
                                    [r[key] for r in metrics(tmp_path / f"ref_{kind}")], rtol=1e-6)
+        # run.json (rank 0's) names both processes and the global batch
+        info = json.loads((tmp_path / name / "run.json").read_text())
+        per_process, accum = (1, 2) if name == "ddp_b1_acc2" else (2, 1)
+        assert info["world_size"] == 2 and len(info["devices"]) == 2 and info["precision"] == "fp32"
+        assert info["batch"] == {"per_process": per_process, "grad_accum": accum, "global": 4}
+        assert [(s["step"], s["world_size"]) for s in info["starts"]] == [(0, 2)]
 
 
 def _ddp_toy_main(out):
@@ -534,7 +540,7 @@ def test_save_replaces_only_what_a_run_wrote(tmp_path):
     ck = tmp_path / "ck"
     save_checkpoint(ck, tensors={"w": torch.zeros(3)}, stage="vcp", write=lambda d: open(d + "/old.txt", "w").write("1"))
     marker = json.loads((ck / RUN_MARKER).read_text())
-    assert marker == {"stage": "vcp", "files": ["metrics.jsonl", "model.safetensors", "old.txt"]}
+    assert marker == {"stage": "vcp", "files": ["metrics.jsonl", "model.safetensors", "old.txt", "run.json"]}
     (ck / "notes.txt").write_text("mine")                       # a user's note and folder put into our output
     os.chmod(ck / "notes.txt", 0o600)
     (ck / "mine").mkdir()
