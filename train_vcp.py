@@ -134,11 +134,11 @@ def grad_cache_window(encode, loss_of, net, stream, train_step, grad_accum, dist
     gives the gradient of each embedding; pass 2 re-runs each micro-batch with a graph, the
     same dropout draws, and back-propagates its cached gradient. The cost: a second forward."""
     device, batches, states, cached = dist.device, [], [], []
-    for _ in range(grad_accum):  # pass 1, no graph; the batches (augmented in the loader) are replayed as they are
-        batches.append(to_device(next(stream), device))
+    for _ in range(grad_accum):  # pass 1, no graph; the batches (augmented in the loader) are replayed as they are,
+        batches.append(next(stream))  # from host memory: k micro-batches of frames would not fit beside the model
         states.append(rng_state(device))
         with torch.no_grad(), autocast(device, precision):
-            out = encode(net, batches[-1])
+            out = encode(net, to_device(batches[-1], device))
         cached.append({"word_mask": out["word_mask"], **{k: out[k].float().requires_grad_() for k in GRAD_KEYS}})
     loss, _, logs = loss_of(join(cached), torch.cat([b["index"] for b in batches]))
     (loss * grad_accum).backward()  # the leaves' fp32 gradients; fit's step divides a window by grad_accum
@@ -147,7 +147,7 @@ def grad_cache_window(encode, loss_of, net, stream, train_step, grad_accum, dist
         set_rng_state(states[i], device)
         with nullcontext() if not dist.ddp or i == grad_accum - 1 else net.no_sync():  # DDP: reduce once
             with autocast(device, precision):
-                out = encode(net, batch)
+                out = encode(net, to_device(batch, device))
             surrogate = sum((out[k].float() * leaves[k].grad).sum() for k in GRAD_KEYS if leaves[k].grad is not None)
             (scaler.scale(surrogate) if scaler is not None else surrogate).backward()  # d surrogate/d out = cached
     set_rng_state(after, device)  # where the loss left the stream: no draw is used twice
