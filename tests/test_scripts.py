@@ -167,7 +167,16 @@ def test_trilogy_end_to_end(pipe, tmp_path):
         == {"format": "llava-slt", "llm": "../cpt", "visual": "../vcp", "connector": "mlp", "visual_dim": 32,
             "visual_tokens": "word", "language": "German"}
     assert sorted(os.listdir(pipe.vlt)) == ["config.json", "connector.safetensors", "llava_slt_run.json", "metrics.jsonl",
-                                          "train_state"]
+                                          "run.json", "train_state"]
+    # every stage's folder says how it was made: the flags resolved, the code, the batch, the precision
+    for folder, stage, steps in ((pipe.cpt, "cpt", 4), (pipe.vcp, "vcp", 3), (pipe.vlt, "vlt", 8)):
+        info = json.loads((folder / "run.json").read_text())
+        assert info["stage"] == stage and info["world_size"] == 1 and info["precision"] == "fp32"
+        assert info["batch"] == {"per_process": 8, "grad_accum": 1, "global": 8}
+        assert info["config"]["out"] == str(folder) and info["config"]["max_steps"] == steps
+        assert re.fullmatch(r"[0-9a-f]{40}", info["git"]["commit"]) and isinstance(info["git"]["dirty"], bool)
+        assert [(s["step"], s["resumed"]) for s in info["starts"]] == [(0, False)]
+        assert info.get("negatives") == (7 if stage == "vcp" else None)    # the other 7 clips of the batch
     assert [r["step"] for r in metrics(pipe.vlt)] == list(range(1, 9))
 
     # full-tune from the connector folder: LoRA on the LLM, the visual encoder unfrozen
@@ -214,6 +223,11 @@ def test_trilogy_end_to_end(pipe, tmp_path):
     assert [float(c) for c in out[2].split("|")] == [round(scores[k], 2) for k in scores]
     assert out[3] == f"BLEU signature: {eval_cli.bleu_signature()}"
     assert out[4] == f"predictions: {full / 'predictions_test.jsonl'}"
+    # eval's record beside each output (the folder's own run.json is the full-tune's)
+    for record in (full / "predictions_test.run.json", tmp_path / "scores.run.json"):
+        info = json.loads(record.read_text())
+        assert info["stage"] == "eval" and info["config"]["num_beams"] == 2 and info["precision"] == "fp32"
+    assert json.loads((full / "run.json").read_text())["config"]["full_tune"] is True
 
     # one video: one line, the same sentence the batched split translation gave that clip
     clip = test_rows[0]
@@ -313,6 +327,8 @@ def test_vcp_two_processes_equal_one_process_with_twice_the_batch(pipe, tmp_path
         torch.testing.assert_close(torch.tensor([r[key] for r in m2]), torch.tensor([r[key] for r in m1]),
                                    rtol=1e-5, atol=0, msg=key)
     assert len({r["loss"] for r in m1}) == 3        # the steps changed the model
+    info = json.loads((ddp / "run.json").read_text())
+    assert info["world_size"] == 2 and info["batch"]["global"] == 8 and info["negatives"] == 7   # as one process's
 
 
 @pytest.mark.slow
@@ -575,7 +591,8 @@ def _tree(pipe, dst):
 @pytest.mark.slow
 def test_outputs_never_replace_a_users_folder_or_an_input(pipe, tmp_path, capsys):
     llm = tmp_path / "llm"
-    shutil.copytree(pipe.cpt, llm, ignore=shutil.ignore_patterns("train_state", "metrics.jsonl", "llava_slt_run.json"))
+    shutil.copytree(pipe.cpt, llm, ignore=shutil.ignore_patterns("train_state", "metrics.jsonl", "llava_slt_run.json",
+                                                                "run.json"))
     (llm / "LICENSE").write_text("a downloaded model's license")
     before = sorted(os.listdir(llm))
     corpus = pipe.data / "corpus.jsonl"
