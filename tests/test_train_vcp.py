@@ -6,6 +6,7 @@ negative), on one process and across DDP ranks.
   replayed in the second pass; without the replay the test fails);
 - with dropout off they equal one forward of the collated big batch (clips of different
   lengths: the word features of the micro-batches are padded as the big batch pads them);
+- under bf16 autocast they are as close to the fp32 gradient as one bf16 graph is (fp32 cache);
 - the script: --batch_size=2 --grad_accum=2 == --batch_size=4, and 2 processes x accumulation
   2 x batch 2 == batch 8 on one (weights after the steps, the logged losses, `negatives`).
 
