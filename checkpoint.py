@@ -384,22 +384,24 @@ def _previous_starts(path: str) -> list:
         return []
 
 
-def record_run(folder: str, stage: str, config, dist, precision: str, step: int) -> dict:
+def record_run(folder: str, stage: str, config, dist, precision: str, step: int) -> Optional[dict]:
     """FOLDER/run.json as a run starts at `step` (> 0: resumed from the checkpoint of that step).
     Collective under DDP (every process's device name is gathered), so every rank calls it;
     rank 0 writes it, after `start_run`. A resume keeps the earlier starts in "starts"; the
-    other fields are this start's. Every save carries the file (KEEP). Returns the record."""
+    other fields are this start's. Every save carries the file (KEEP). Returns the record on
+    rank 0, None elsewhere (git is asked once, not by every process)."""
     devices = [device_name(dist.device)]
     if dist.ddp:
         devices = [None] * dist.world_size
         torch_dist.all_gather_object(devices, device_name(dist.device))
+    if not dist.is_main:
+        return None
     info = run_info(config, stage, precision, devices)
     path = os.path.join(folder, RUN_INFO)
     start = {"step": step, "resumed": step > 0, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "git": info["git"], "world_size": info["world_size"], "argv": sys.argv}
     info["starts"] = (_previous_starts(path) if step > 0 else []) + [start]
-    if dist.is_main:
-        write_json_atomic(path, info)
+    write_json_atomic(path, info)
     return info
 
 
