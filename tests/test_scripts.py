@@ -375,6 +375,9 @@ def test_vlt_resume_equals_the_uninterrupted_run(pipe, tmp_path):
     assert [(r["loss"], r["lr"], r["epoch"]) for r in resumed] == [(r["loss"], r["lr"], r["epoch"]) for r in whole]
     one, two = load_file(pipe.vlt / "connector.safetensors"), load_file(cut / "connector.safetensors")
     assert all(torch.equal(one[k], two[k]) for k in one)
+    starts = json.loads((cut / "run.json").read_text())["starts"]     # the killed start, then the resume
+    assert [(s["step"], s["resumed"]) for s in starts] == [(0, False), (4, True)]
+    assert "--resume=true" in starts[1]["argv"] and "--resume=true" not in starts[0]["argv"]
 
 
 @pytest.fixture(scope="module")
