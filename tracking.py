@@ -40,7 +40,7 @@ def start(project: str, info: dict, dist, folder: str):
         _run = wandb.init(project=project, name=os.path.basename(os.path.normpath(folder)), job_type=info["stage"],
                           config=info)
     except wandb.errors.Error as e:     # not logged in, no network: the user's to fix, one line
-        raise UserError(f"--wandb={project}: {str(e).strip().splitlines()[0]} (wandb login, or WANDB_MODE=offline)") \
+        raise UserError(f"--wandb={project}: {str(e).strip().splitlines()[0]} (or WANDB_MODE=offline to log locally)") \
             from None
     # our step is the x-axis: a dev row shares its step with a training row, one history row each
     _run.define_metric("step")
