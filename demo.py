@@ -54,7 +54,7 @@ def _limit(config: DemoConfig) -> str:
 
 def synth_args(config: DemoConfig, data: str) -> list:
     return ["synth.py", "--out", data, "--seed", str(config.seed), "--n_train", str(config.n_train),
-            "--n_test", str(config.n_test), "--overwrite=true"]
+            "--n_test", str(config.n_test), "--video_format=npy", "--overwrite=true"]
 
 
 def cpt_args(config: DemoConfig, corpus: str, out: str) -> list:

@@ -88,7 +88,8 @@ def _read_container(path: Path, sample=None) -> np.ndarray:
 
 
 def read_video(path, sample=None) -> np.ndarray:
-    """Frames of a video file (anything PyAV reads: mp4, avi, webm, ...) or a frame folder.
+    """Frames of a video file (anything PyAV reads: mp4, avi, webm, ...), a frame folder or a
+    .npy file of decoded frames.
 
     Returns uint8 (T, H, W, 3) RGB. `sample(num_frames) -> indices` picks frames: only those
     are read from a folder, and only those are converted to RGB from a video file.
@@ -102,7 +103,22 @@ def read_video(path, sample=None) -> np.ndarray:
         if sample is not None:
             files = [files[i] for i in sample(len(files))]
         return _read_images(files)
+    if path.suffix == ".npy":
+        return _read_npy(path, sample)
     return _read_container(path, sample)
+
+
+def _read_npy(path: Path, sample=None) -> np.ndarray:
+    # decoded frames saved with numpy (the demo's clips: `synth.py --video_format=npy`); no
+    # pickles: allow_pickle=False reads plain arrays only
+    try:
+        frames = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable .npy clip ({e}); re-create it") from None
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise DataError(f"{path}: a .npy clip must hold uint8 frames (T, H, W, 3) with T >= 1, "
+                        f"got {frames.dtype} {frames.shape}")
+    return np.array(frames if sample is None else frames[sample(len(frames))])
 
 
 # ---------------------------------------------------------------------------- dataset readers

@@ -111,6 +111,26 @@ def test_read_video_errors(tmp_path):
         read_video(folder)
 
 
+def test_read_npy_clip(tmp_path):
+    """A .npy clip (the demo's format) reads back exactly, sampled like a video; bad arrays are one line."""
+    clip = colour_clip(8)
+    np.save(tmp_path / "clip.npy", clip)
+    assert np.array_equal(read_video(tmp_path / "clip.npy"), clip)
+    assert np.array_equal(read_video(tmp_path / "clip.npy", sample=lambda n: [0, n - 1]), clip[[0, 7]])
+    np.save(tmp_path / "float.npy", clip.astype(np.float32))
+    with pytest.raises(DataError, match=r"float\.npy: a \.npy clip must hold uint8 frames \(T, H, W, 3\) with T >= 1, "
+                       r"got float32 \(8, 32, 32, 3\)") as e:
+        read_video(tmp_path / "float.npy")
+    assert one_line(e)
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object))  # a pickle inside: never loaded
+    with pytest.raises(DataError, match=r"objects\.npy: unreadable \.npy clip") as e:
+        read_video(tmp_path / "objects.npy")
+    assert one_line(e)
+    (tmp_path / "half.npy").write_bytes((tmp_path / "clip.npy").read_bytes()[:100])
+    with pytest.raises(DataError, match=r"half\.npy: unreadable \.npy clip"):
+        read_video(tmp_path / "half.npy")
+
+
 # ---------------------------------------------------------------------------- dataset readers
 
 PHOENIX_HEADER = "name|video|start|end|speaker|orth|translation"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import synth
-from readers import load_rows, read_corpus
+from readers import load_rows, read_corpus, read_video
 
 SMALL = dict(n_train=60, n_dev=10, n_test=20, n_corpus=300, progress=False)
 SYNTH_FILES = ("train.jsonl", "dev.jsonl", "test.jsonl", "corpus.jsonl", "meta.json")
@@ -227,6 +227,19 @@ def test_synth_mp4_frames(synthetic):
             assert err.mean() < 3 and (err > 40).mean() < 0.01, r["id"]
     assert meta["timing"]["mean_frames_per_clip"] == round(float(np.mean(n_frames)), 3)
     assert meta["timing"]["total_frames"] == sum(n_frames)
+
+
+def test_synth_npy_clips_are_the_rendered_frames(tmp_path):
+    """--video_format=npy (the demo's): the same plan, each clip the rendered frames exactly, read by read_video."""
+    small = dict(SMALL, n_train=40, n_dev=2, n_test=4)
+    meta = synth.synthesize(tmp_path / "npy", seed=0, workers=1, video_format="npy", **small)
+    plan = synth.plan_synthetic(0, **{k: v for k, v in small.items() if k != "progress"})
+    rows = load_rows(tmp_path / "npy", "test")
+    assert meta["video"]["format"] == "npy" and len(rows) == 4
+    for r, c in zip(rows, plan["splits"]["test"]):
+        assert r["video"].endswith(f"videos/{c['id']}.npy")
+        want, _ = synth.render_clip(c["glosses"], plan["signers"][c["signer"]], synth._clip_rng(0, c["id"]))
+        assert np.array_equal(read_video(r["video"]), want), r["id"]
 
 
 def test_synth_corpus(synthetic):
