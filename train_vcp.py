@@ -58,6 +58,7 @@ class VCPTrainConfig(ModelFlags):
                                      # the mean of its last hidden states)
     text_from_llm: str = ""          # instead, the demo's: a bag of this LLM's token embeddings (a 0-layer mean-pooling
                                      # mBART-format encoder; a from-scratch LLM's states are no teacher yet)
+    teacher_embeddings: str = "llm"  # with --text_from_llm: its token embeddings (llm) or one random vector per token
     cache_videos: bool = False       # keep decoded clips in memory (small datasets, num_workers=0)
     # frame augmentation (paper section C: centre square crop, resize 384, random crop 336)
     color_jitter: float = 0.2
@@ -203,7 +204,7 @@ def main(argv):
     if config.text_encoder:
         text_encoder = load_text_encoder(config.text_encoder).requires_grad_(False)
     else:
-        text_encoder = text_encoder_from_llm(config.text_from_llm, LANG_CODES.values())
+        text_encoder = text_encoder_from_llm(config.text_from_llm, LANG_CODES.values(), config.teacher_embeddings)
     texts, lang = [r["text"] for r in rows], LANG_CODES.get(language, "de_DE")
     text_sentence = encode_sentences(text_encoder, texts, lang, dist.device)
     text_words = torch.tensor([len(t.split()) if language != "Chinese" else len(t) for t in texts], device=dist.device)

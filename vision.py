@@ -476,10 +476,14 @@ class LLMTextEncoder(nn.Module):
         return cls(llm, Tokenizer.from_pretrained(folder), path=folder).eval()
 
 
-def text_encoder_from_llm(folder: str, lang_codes) -> TextEncoder:
-    """A teacher for from-scratch demos: the trained LLM's token embeddings, mean-pooled.
+def text_encoder_from_llm(folder: str, lang_codes, embeddings: str = "llm") -> TextEncoder:
+    """A teacher for from-scratch demos: a bag of words over the LLM's vocabulary, mean-pooled.
 
     Sentences sharing words land close together, which a random frozen encoder does not give.
+    embeddings="llm": the trained LLM's token embeddings; "random": a fixed random vector per
+    token (seeded), so every word is as far from every other. A small LM trained from scratch
+    puts words that share contexts together (the synthetic language's warm/kalt: cosine 0.97),
+    and a teacher that cannot tell two sentences apart gives VCP no reason to either.
     It is an mBART-format encoder with no layers, so the rest of the pipeline is unchanged;
     lang_codes: mBART's language codes, added to the tokenizer as mBART has them.
     """
@@ -492,6 +496,10 @@ def text_encoder_from_llm(folder: str, lang_codes) -> TextEncoder:
     if embed is None:
         raise UserError(f"{path}: no model.embed_tokens.weight; --text_from_llm takes a Qwen2/Llama folder")
     embed = embed.float()  # (V, D)
+    if embeddings == "random":
+        embed = torch.randn(embed.shape, generator=torch.Generator().manual_seed(0))
+    elif embeddings != "llm":
+        raise UserError(f"teacher embeddings must be llm or random, got {embeddings!r}")
     encoder_config = TextEncoderConfig(vocab_size=backend.get_vocab_size(with_added_tokens=True),
                                        d_model=embed.shape[1], encoder_layers=0, encoder_attention_heads=1,
                                        encoder_ffn_dim=embed.shape[1], max_position_embeddings=512,

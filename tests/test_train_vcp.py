@@ -16,19 +16,23 @@ width 32 with 1 local + 1 full layer; 16 synthetic clips; a random 1-layer LLM a
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import hf  # noqa: E402
 import train_vcp  # noqa: E402
 from cli import Dist, cli, parse_config  # noqa: E402
 from data import ClipDataset, VideoTransform, collate_clips  # noqa: E402
+from errors import UserError  # noqa: E402
 from model import LLM, LLMConfig  # noqa: E402
 from readers import load_rows  # noqa: E402
 from synth import synthesize  # noqa: E402
@@ -234,3 +238,27 @@ def test_two_processes_with_accumulation_equal_one_process_with_the_whole_batch(
     # measured 1.05e-5 (hier.full.layers.0.mlp.2.weight); plain DDP, 2 x batch 4, is 1.01e-5 from it there
     assert_same_run(tmp_path / "ddp", tmp_path / "big", atol=3e-5)
     assert [r["negatives"] for r in metrics(tmp_path / "ddp")] == [7, 7]
+
+
+def test_random_teacher_embeddings_keep_words_the_llm_merges(setup, tmp_path):
+    """--teacher_embeddings=random: one seeded random vector per token in place of the LLM's, so two
+    words whose LLM embeddings coincide still give two different sentence embeddings."""
+    _, llm = setup
+    state = hf.read_safetensors(str(llm / "model.safetensors"))
+    embed = state["model.embed_tokens.weight"]
+    tok = Tokenizer.from_pretrained(str(llm))
+    warm, kalt = (tok.backend.token_to_id(w) for w in ("warm", "kalt"))
+    assert None not in (warm, kalt)
+    embed[kalt] = embed[warm]                      # the LLM cannot tell them apart
+    twin = tmp_path / "llm"
+    shutil.copytree(llm, twin)
+    safetensors.torch.save_file(state, str(twin / "model.safetensors"))
+    sentences = ["heute wird es warm", "heute wird es kalt"]
+    for kind, same in (("llm", True), ("random", False)):
+        teacher = text_encoder_from_llm(str(twin), train_vcp.LANG_CODES.values(), kind)
+        emb = train_vcp.encode_sentences(teacher, sentences, "de_DE", "cpu")
+        assert torch.equal(emb[0], emb[1]) == same, kind
+    want = torch.randn(embed.shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(teacher.embed_tokens.weight[:len(embed)], want)
+    with pytest.raises(UserError, match="teacher embeddings must be llm or random, got 'mbart'"):
+        text_encoder_from_llm(str(twin), train_vcp.LANG_CODES.values(), "mbart")
