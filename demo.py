@@ -36,7 +36,7 @@ class DemoConfig:
     threads: int = 2                 # torch threads per process (the target machine has 2 cores)
     cpt_steps: int = 400
     vcp_steps: int = 220
-    vlt_steps: int = 300
+    vlt_steps: int = 600
     full_tune_steps: int = 120
     # seconds per stage at most (a slower machine then stops early, still saving); none by
     # default, since a stage cut by the clock gives scores that depend on the machine's load
@@ -66,13 +66,14 @@ def cpt_args(config: DemoConfig, corpus: str, out: str) -> list:
 
 
 def vcp_args(config: DemoConfig, data: str, cpt: str, out: str) -> list:
-    """Stage 2: a tiny ViT on 32 px frames ("flat" frame pooling: see README), 1 local + 1 full layer;
+    """Stage 2: a tiny ViT on 32 px frames ("flat" frame pooling: see README), 1 local + 2 full layers
+    (2: the sentence-level ablation takes the penultimate one, which must see the whole clip);
     the teacher a bag of random word vectors (the CPT LLM's embeddings merge the minimal pairs: README)."""
     return ["train_vcp.py", f"--data={data}", f"--text_from_llm={cpt}", f"--out={out}", "--image_size=32",
             "--resize=32", "--stride=2", "--max_frames=64", "--cache_videos=true", "--flip=0", "--rotation=0",
             "--color_jitter=0.1", "--frame_pool=flat", "--vit_tuning=full", "--vit_dim=64", "--vit_layers=2",
             "--vit_heads=4", "--patch_size=8", "--dim=128", "--heads=4", "--local_layers=1", "--window=3",
-            "--full_layers=1", "--dropout=0.0", "--clip_dim=128", "--logit_scale_init=30", "--teacher_embeddings=random",
+            "--full_layers=2", "--dropout=0.0", "--clip_dim=128", "--logit_scale_init=30", "--teacher_embeddings=random",
             f"--max_steps={config.vcp_steps}", "--batch_size=64", "--lr=2e-3", "--weight_decay=1e-5", "--log_every=25",
             f"--seed={config.seed}", "--vit_chunk_size=256", _limit(config)]
 
@@ -80,7 +81,7 @@ def vcp_args(config: DemoConfig, data: str, cpt: str, out: str) -> list:
 def vlt_args(config: DemoConfig, data: str, cpt: str, vcp: str, out: str) -> list:
     """Stage 3a: the connector, on cached word features."""
     return ["train_vlt.py", f"--data={data}", f"--cpt={cpt}", f"--vcp={vcp}", f"--out={out}",
-            f"--max_steps={config.vlt_steps}", "--batch_size=64", "--lr=2e-3", "--log_every=50",
+            f"--max_steps={config.vlt_steps}", "--batch_size=64", "--lr=5e-3", "--log_every=50",
             f"--seed={config.seed}", _limit(config)]
 
 

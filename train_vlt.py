@@ -142,6 +142,10 @@ def build_model(config: VLTConfig, dtype) -> tuple:
         raise UserError("give --cpt (an LLM folder) and --vcp (a visual encoder folder), or --init")
     llm = LLM.from_pretrained(config.cpt, dtype=dtype)
     visual = VCPModel.load(config.vcp)
+    if config.visual_tokens == "sentence" and visual.config.hier.full_layers < 2:  # penultimate = the word features
+        raise UserError(f"--visual_tokens=sentence takes the full-attention transformer's penultimate layer, but "
+                        f"{config.vcp} has {visual.config.hier.full_layers} full layer(s): that is the word features "
+                        "themselves; train VCP with --full_layers >= 2")
     connector = Connector(visual.config.hier.dim, llm.config.hidden_size, config.connector)
     return LLaVASLT(llm, connector, visual, config.visual_tokens), config.cpt, config.vcp
 

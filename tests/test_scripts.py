@@ -801,10 +801,17 @@ def test_vlt_validation_equals_eval_and_two_processes(pipe, tmp_path):
 
 
 @pytest.mark.slow
-def test_sentence_level_ablation_trains_and_translates(pipe, tmp_path):
-    vlt, full = tmp_path / "vlt", tmp_path / "full"
+def test_sentence_level_ablation_trains_and_translates(pipe, tmp_path, capsys):
+    vlt, full, vcp = tmp_path / "vlt", tmp_path / "full", tmp_path / "vcp"
     common = [f"--data={pipe.data}", "--batch_size=8", "--max_steps=2", "--visual_tokens=sentence"]
-    run(["train_vlt.py", f"--cpt={pipe.cpt}", f"--vcp={pipe.vcp}", f"--out={vlt}", f"--cache={tmp_path / 'c'}"] + common)
+    # one full-attention layer: its penultimate output is the word features, so the ablation would change nothing
+    line = cli_error(train_vlt.main, [f"--cpt={pipe.cpt}", f"--vcp={pipe.vcp}", f"--out={vlt}"] + common, capsys)
+    assert line == (f"error: --visual_tokens=sentence takes the full-attention transformer's penultimate layer, but "
+                    f"{pipe.vcp} has 1 full layer(s): that is the word features themselves; train VCP with "
+                    "--full_layers >= 2")
+    run(["train_vcp.py", f"--data={pipe.data}", f"--text_from_llm={pipe.cpt}", f"--out={vcp}", "--batch_size=8"]
+        + [f for f in VCP_FLAGS if not f.startswith(("--full_layers", "--max_steps"))] + ["--full_layers=2", "--max_steps=1"])
+    run(["train_vlt.py", f"--cpt={pipe.cpt}", f"--vcp={vcp}", f"--out={vlt}", f"--cache={tmp_path / 'c'}"] + common)
     features = load_file(tmp_path / "c" / "train-sentence.safetensors")
     assert {len(v) for v in features.values()} == {5}              # one per downsampled position, as words
     run(["train_vlt.py", f"--init={vlt}", "--full_tune=true", f"--out={full}"] + common)
