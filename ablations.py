@@ -17,7 +17,8 @@ the full recipe is trained once per seed and serves every variant that shares it
     OUT/seed{s}/scores_{v}.json eval.py's scores (predictions_{v}.jsonl beside them), logs/ every run's output
 
 Then OUT/results.json (per variant: the seeds' BLEU-4 and ROUGE-L, mean, sd, delta against the
-full recipe, whether the paper's claim is reproduced), OUT/table.md and OUT/ablations.png.
+full recipe with the sd of the per-seed deltas, whether the paper's claim is reproduced),
+OUT/table.md and OUT/ablations.png.
 
 Like `make`, a run whose output is complete, newer than its inputs and made by the same command
 (flags and threads, recorded in logs/*.cmd) is not run again. So an interrupted `make ablations`
@@ -246,11 +247,13 @@ def mean_sd(values: list) -> tuple:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def reproduced(full: tuple, variant: tuple) -> bool:
-    """The paper's claim (the variant is worse) holds when the full recipe's mean BLEU-4 beats the
-    variant's by more than two pooled standard deviations of the seed spread. full, variant: (mean, sd)."""
-    sd_pooled = math.sqrt((full[1] ** 2 + variant[1] ** 2) / 2)
-    return full[0] - variant[0] > 2 * sd_pooled
+def reproduced(full: list, variant: list) -> bool:
+    """The paper's claim (the variant is worse) holds when the variant's BLEU-4 falls below the full
+    recipe's by more than two standard deviations of the per-seed differences. Paired by seed: a
+    seed's variant shares that seed's data and earlier stages with its full recipe, so the spread
+    that matters is that of the gaps, not of the scores (one seed: any gap). full, variant: per seed."""
+    gap, sd = mean_sd([f - v for f, v in zip(full, variant)])
+    return gap > 2 * sd
 
 
 def summarize(scores: dict, seeds: list) -> dict:
@@ -263,18 +266,18 @@ def summarize(scores: dict, seeds: list) -> dict:
                          "sd": {"bleu4": b_sd, "rouge": r_sd}, "paper": VARIANTS[name].paper}
     full = results["full"]
     for name, r in results.items():
-        r["delta"] = r["mean"]["bleu4"] - full["mean"]["bleu4"]
-        r["reproduced"] = None if name == "full" else reproduced(
-            (full["mean"]["bleu4"], full["sd"]["bleu4"]), (r["mean"]["bleu4"], r["sd"]["bleu4"]))
+        r["delta"], r["delta_sd"] = mean_sd([v - f for v, f in zip(r["bleu4"], full["bleu4"])])
+        r["reproduced"] = None if name == "full" else reproduced(full["bleu4"], r["bleu4"])
     return results
 
 
 def table(results: dict) -> str:
-    """One row per variant: BLEU-4 and ROUGE-L as mean ± sd over the seeds, the delta, the verdict."""
+    """One row per variant: BLEU-4 and ROUGE-L as mean ± sd over the seeds, the delta (mean ± sd of
+    the per-seed differences), the verdict."""
     lines = ["| variant | BLEU-4 | ROUGE-L | delta BLEU-4 | reproduced | seeds | paper |", "|---" * 7 + "|"]
     for name, r in results.items():
         yes = {None: "-", True: "yes", False: "no"}[r["reproduced"]]
-        delta = "-" if name == "full" else f"{r['delta']:+.2f}"
+        delta = "-" if name == "full" else f"{r['delta']:+.2f} ± {r['delta_sd']:.2f}"
         lines.append(f"| {name} | {r['mean']['bleu4']:.2f} ± {r['sd']['bleu4']:.2f} | {r['mean']['rouge']:.2f} ± "
                      f"{r['sd']['rouge']:.2f} | {delta} | {yes} | {len(r['seeds'])} | {r['paper']} |")
     return "\n".join(lines) + "\n"

@@ -135,13 +135,16 @@ def test_a_run_is_done_resumed_or_run_again(tmp_path):
 
 # ============================================================================ the results
 
-def test_reproduced_is_a_gap_of_two_pooled_standard_deviations():
-    # sd_pooled = sqrt((3^2 + 4^2) / 2) = 3.5355...; two of them: 7.07
-    assert ablations.reproduced((50.0, 3.0), (42.9, 4.0))          # a gap of 7.1
-    assert not ablations.reproduced((50.0, 3.0), (43.0, 4.0))      # 7.0
-    assert not ablations.reproduced((50.0, 0.0), (50.0, 0.0))      # equal: no gap
-    assert ablations.reproduced((50.0, 0.0), (49.99, 0.0))         # one seed each: any gap
-    assert not ablations.reproduced((40.0, 1.0), (45.0, 1.0))      # the variant is better
+def test_reproduced_is_a_gap_of_two_standard_deviations_of_the_per_seed_gaps():
+    # gaps 10, 11, 9: mean 10, sd 1
+    assert ablations.reproduced([50.0, 52.0, 54.0], [40.0, 41.0, 45.0])
+    # gaps 2, 2, 6: mean 3.33, sd 2.31 -> 3.33 < 4.62
+    assert not ablations.reproduced([50.0, 52.0, 54.0], [48.0, 50.0, 48.0])
+    # the same gap of 5 in every seed: reproduced, although the seeds' scores spread by 10 (unpaired: no)
+    assert ablations.reproduced([50.0, 60.0, 70.0], [45.0, 55.0, 65.0])
+    assert not ablations.reproduced([50.0], [50.0])                 # equal: no gap
+    assert ablations.reproduced([50.0], [49.99])                    # one seed: any gap
+    assert not ablations.reproduced([40.0, 41.0], [45.0, 46.0])     # the variant is better
 
 
 def test_summary_by_hand():
@@ -153,12 +156,13 @@ def test_summary_by_hand():
     assert full["mean"] == {"bleu4": 52, "rouge": 72} and full["sd"] == {"bleu4": 2.0, "rouge": 2.0}
     assert var["mean"]["bleu4"] == 42 and var["sd"]["bleu4"] == pytest.approx(math.sqrt((4 + 1 + 9) / 2))
     assert var["delta"] == -10 and full["delta"] == 0
-    assert full["reproduced"] is None and var["reproduced"] is True     # 10 > 2 * sqrt((4 + 7) / 2) = 4.69
+    assert var["delta_sd"] == pytest.approx(1.0)                        # gaps -10, -11, -9
+    assert full["reproduced"] is None and var["reproduced"] is True     # 10 > 2 * 1
     assert "Tab. 8 row 4" in var["paper"]
     one = ablations.summarize({"full": [s(50, 70)]}, [0])["full"]
     assert one["sd"] == {"bleu4": 0.0, "rouge": 0.0}
     rows = ablations.table(results).splitlines()
-    assert len(rows) == 4 and rows[3].startswith("| no_prompt | 42.00 ± 2.65 | 62.00 ± 2.65 | -10.00 | yes | 3 |")
+    assert len(rows) == 4 and rows[3].startswith("| no_prompt | 42.00 ± 2.65 | 62.00 ± 2.65 | -10.00 ± 1.00 | yes | 3 |")
 
 
 # ============================================================================ a whole quick run
