@@ -207,3 +207,19 @@ def test_a_bad_frame_inside_a_folder(tmp_path, capsys):
     # counting file names alone cannot see it: the price of --decode=false
     code, out, _ = run([f"--data={tmp_path}", "--decode=false"], capsys)
     assert code == 0 and "  frames per clip (1 read): min 3 / median 3 / max 3\n" in out
+
+
+def test_npy_clips_are_counted_and_bad_ones_named(tmp_path, capsys):
+    """The demo's .npy clips (synth.py --video_format=npy): counted with and without --decode, a
+    float array is unreadable media like a corrupt video."""
+    import numpy as np
+    (tmp_path / "videos").mkdir()
+    np.save(tmp_path / "videos" / "a.npy", colour_clip(7, 16))
+    np.save(tmp_path / "videos" / "b.npy", colour_clip(3, 16).astype(np.float32))
+    _manifest(tmp_path / "train.jsonl", [{"id": "a", "video": "videos/a.npy", "text": "guten morgen"},
+                                         {"id": "b", "video": "videos/b.npy", "text": "gute nacht"}])
+    for decode in ("true", "false"):
+        code, out, _ = run([f"--data={tmp_path}", f"--decode={decode}"], capsys)
+        assert code == 1 and "result: 1 problem(s) stop training: unreadable media 1" in out, out
+        assert "  unreadable media: 1\n    b videos/b.npy: a .npy clip must hold uint8 frames" in out, out
+        assert "frames per clip (1 read): min 7 / median 7 / max 7" in out, out
