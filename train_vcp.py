@@ -24,7 +24,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from checkpoint import check_out
+from checkpoint import check_out, rng_state, set_rng_state
 from cli import cli, flags_of, parse_config, setup_distributed
 from data import ClipDataset, VideoTransform, collate_clips
 from errors import UserError
@@ -117,16 +117,6 @@ def join(outs: list) -> dict:
             "logit_scale": outs[-1]["logit_scale"]}  # the same in every micro-batch: its gradient goes to the last
 
 
-def rng_state(device):  # dropout's draws: the CPU's generator and, on CUDA, the device's
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
 def grad_cache_window(encode, loss_of, net, stream, train_step, grad_accum, dist, precision, scaler, mode):
     """One accumulation window as ONE contrastive batch of grad_accum x batch_size clips per rank
     (GradCache, Gao et al. 2021): fit's `accumulate` (`_accumulate`'s arguments and return).
@@ -137,7 +127,7 @@ def grad_cache_window(encode, loss_of, net, stream, train_step, grad_accum, dist
     device, batches, states, cached = dist.device, [], [], []
     for _ in range(grad_accum):  # pass 1, no graph; the batches (augmented in the loader) are replayed as they are,
         batches.append(next(stream))  # from host memory: k micro-batches of frames would not fit beside the model
-        states.append(rng_state(device))
+        states.append(rng_state(device))  # dropout draws from torch's generator (and the device's)
         with torch.no_grad(), autocast(device, precision):
             out = encode(net, to_device(batches[-1], device))
         cached.append({"word_mask": out["word_mask"], **{k: out[k].float().requires_grad_() for k in GRAD_KEYS}})
