@@ -364,6 +364,12 @@ def run_info(config, stage: str, precision: str, devices: list) -> dict:
     return info
 
 
+def _start(info: dict, step: int) -> dict:
+    """One entry of run.json's "starts": this start of the run."""
+    return {"step": step, "resumed": step > 0, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "git": info["git"], "world_size": info["world_size"], "argv": sys.argv}
+
+
 def write_json_atomic(path: str, obj):
     """Whole or not at all: a reader never sees half a file (written beside it, then renamed)."""
     tmp = path + ".tmp"
@@ -398,9 +404,7 @@ def record_run(folder: str, stage: str, config, dist, precision: str, step: int)
         return None
     info = run_info(config, stage, precision, devices)
     path = os.path.join(folder, RUN_INFO)
-    start = {"step": step, "resumed": step > 0, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             "git": info["git"], "world_size": info["world_size"], "argv": sys.argv}
-    info["starts"] = (_previous_starts(path) if step > 0 else []) + [start]
+    info["starts"] = (_previous_starts(path) if step > 0 else []) + [_start(info, step)]
     write_json_atomic(path, info)
     return info
 
@@ -410,8 +414,7 @@ def record_eval(config, outputs: list, device, dtype: torch.dtype) -> list:
     e.g. predictions_test.run.json; not run.json, since the default predictions go into the
     checkpoint's folder, whose run.json is the training run's. Returns the paths written."""
     info = run_info(config, "eval", PRECISION_OF_DTYPE[str(dtype).removeprefix("torch.")], [device_name(device)])
-    info["starts"] = [{"step": 0, "resumed": False, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                       "git": info["git"], "world_size": 1, "argv": sys.argv}]
+    info["starts"] = [_start(info, 0)]
     paths = sorted({os.path.splitext(path)[0] + ".run.json" for path in outputs if path})
     for path in paths:
         write_json_atomic(path, info)
