@@ -35,6 +35,7 @@ from training import seed_everything
 from vision import VCPConfig, VCPModel
 
 ROUGE_BETA = 1.2
+LEVELS = ("word", "char", "char_published")  # score's tokenisations: words, characters, sltbaselines' characters
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -95,7 +96,7 @@ def score(hyps, refs, level: str = "word") -> dict:
     (spaces removed and every character a token, e.g. CSL-Daily) or "char_published" (_char_published).
     Returns {"bleu1", "bleu2", "bleu3", "bleu4", "rouge"}, each in [0, 100].
     """
-    if level not in ("word", "char", "char_published"):
+    if level not in LEVELS:
         raise UserError(f"score: level={level!r}; use 'word', 'char' or 'char_published'")
     hyps, refs = list(hyps), list(refs)
     if len(hyps) != len(refs):
@@ -197,7 +198,7 @@ def print_scores(scores: dict, what: str):
 
 def main(argv):
     config = parse_config(EvalConfig, argv)
-    if config.level not in ("", "word", "char", "char_published"):
+    if config.level and config.level not in LEVELS:  # before any model is loaded
         raise UserError(f"--level={config.level}: expected word (Phoenix-2014T), char or char_published (CSL-Daily)")
     if config.hypotheses:  # any system's outputs, scored exactly as a split is
         hyps = read_sentences(config.hypotheses, "hypothesis")
