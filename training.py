@@ -412,6 +412,15 @@ def _log_stop(stopped: str, step: int, total_steps: int, best, bad_evals: int, m
                  f"best, step {best['step']} ({metric} {best['value']:.4g})")
 
 
+def _records_at_start(out: str, stage: str, config: TrainConfig, dist: Dist, precision: str, step: int):
+    """What a run writes as it starts: the run marker (rank 0), out/run.json (how this run was made;
+    collective) and, with --wandb, the wandb run."""
+    if dist.is_main:
+        start_run(out, stage, step)
+    info = record_run(out, stage, config, dist, precision, step)
+    tracking.start(config.wandb, info, dist, out)
+
+
 def fit(model: nn.Module, train_step: Callable, dataset, optimizer, config: TrainConfig, dist: Optional[Dist] = None,
         collate_fn: Optional[Callable] = None, save_fn: Optional[Callable[[str], None]] = None,
         unit: str = "items", drop_last: bool = False, find_unused_parameters: bool = False,
@@ -433,10 +442,7 @@ def fit(model: nn.Module, train_step: Callable, dataset, optimizer, config: Trai
     save_fn = save_fn or functools.partial(_save_whole, model, config)
     validating = evaluate is not None and config.eval_every > 0
     step, best, bad_evals = _resume_or_seed(config, out, optimizer, model, scaler, dist, batches)
-    if dist.is_main:
-        start_run(out, stage, step)
-    info = record_run(out, stage, config, dist, precision, step)     # out/run.json: how this run was made
-    tracking.start(config.wandb, info, dist, out)
+    _records_at_start(out, stage, config, dist, precision, step)
 
     def save(step: int, weights: bool = True) -> tuple:
         """weights=False: the resume state only; the folder keeps the best weights so far."""
