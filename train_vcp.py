@@ -32,7 +32,8 @@ from loader import to_device
 from losses import clip_loss, signcl_loss, symmetric_cross_entropy
 from readers import language_of, load_rows
 from training import TrainConfig, autocast, fit, make_optimizer, parameter_counts, seed_everything, trainable_in_fp32
-from vision import HierarchicalConfig, VCPConfig, VCPModel, ViTConfig, load_text_encoder, text_encoder_from_llm
+from vision import (HierarchicalConfig, VCPConfig, VCPModel, ViTConfig, load_text_encoder, text_encoder_from_llm,
+                    text_encoder_from_words)
 
 LANG_CODES = {"German": "de_DE", "Chinese": "zh_CN"}  # mBART's language codes
 
@@ -59,6 +60,8 @@ class VCPTrainConfig(ModelFlags):
     text_from_llm: str = ""          # instead, the demo's: a bag of this LLM's token embeddings (a 0-layer mean-pooling
                                      # mBART-format encoder; a from-scratch LLM's states are no teacher yet)
     teacher_embeddings: str = "llm"  # with --text_from_llm: its token embeddings (llm) or one random vector per token
+    text_from_words: int = 0         # > 0, the demo's: no folder; one random vector of this size per word of the
+                                     # training sentences, mean-pooled (so VCP needs no CPT, as in the paper)
     cache_videos: bool = False       # keep decoded clips in memory (small datasets, num_workers=0)
     # frame augmentation (paper section C: centre square crop, resize 384, random crop 336)
     color_jitter: float = 0.2
@@ -174,8 +177,9 @@ def main(argv):
     config = parse_config(VCPTrainConfig, argv)
     if not config.data:
         raise UserError("--data is required: a manifest folder, a Phoenix-2014T root or a CSL-Daily root")
-    if bool(config.text_encoder) == bool(config.text_from_llm):
-        raise UserError("give exactly one of --text_encoder (an mBART folder) and --text_from_llm (an LLM folder)")
+    if [bool(config.text_encoder), bool(config.text_from_llm), config.text_from_words > 0].count(True) != 1:
+        raise UserError("give exactly one of --text_encoder (an mBART folder), --text_from_llm (an LLM folder) "
+                        "and --text_from_words (a vector size)")
     check_out(config.out, "vcp", data=config.data, text_encoder=config.text_encoder,
               text_from_llm=config.text_from_llm, vit=config.vit)
     dist = setup_distributed(config.device)
@@ -191,11 +195,13 @@ def main(argv):
     dataset = ClipDataset(rows, transform, max_frames=config.max_frames, stride=config.stride, train=True,
                           seed=config.seed, cache_videos=config.cache_videos)
 
+    texts, lang = [r["text"] for r in rows], LANG_CODES.get(language, "de_DE")
     if config.text_encoder:
         text_encoder = load_text_encoder(config.text_encoder).requires_grad_(False)
-    else:
+    elif config.text_from_llm:
         text_encoder = text_encoder_from_llm(config.text_from_llm, LANG_CODES.values(), config.teacher_embeddings)
-    texts, lang = [r["text"] for r in rows], LANG_CODES.get(language, "de_DE")
+    else:
+        text_encoder = text_encoder_from_words(texts, config.text_from_words, LANG_CODES.values())
     text_sentence = encode_sentences(text_encoder, texts, lang, dist.device)
     text_words = torch.tensor([len(t.split()) if language != "Chinese" else len(t) for t in texts], device=dist.device)
     dev_rows = load_rows(config.data, config.dev_split) if config.eval_every else []
@@ -205,8 +211,8 @@ def main(argv):
     dev_sentence = encode_sentences(text_encoder, dev_texts, lang, dist.device) if dev_rows else None
     model = build_model(config, text_encoder)
     # the teacher's folder, relative to the output folder so the tree can move; a teacher made
-    # from the LLM is written beside the visual encoder as a real mBART-format folder
-    teacher = os.path.join(config.out, "text_encoder") if config.text_from_llm else config.text_encoder
+    # here (not read from --text_encoder) is written beside the visual encoder as a real mBART-format folder
+    teacher = config.text_encoder or os.path.join(config.out, "text_encoder")
     model.config.text_encoder_path = os.path.relpath(os.path.abspath(teacher), os.path.abspath(config.out))
     dist.log(f"{len(rows)} clips ({language})")
     dist.log(parameter_counts(model, {"ViT": ("vit.", "frame_proj."), "local": "hier.local.", "full": "hier.full.",
@@ -231,7 +237,7 @@ def main(argv):
 
     def save(folder):
         model.save(folder)
-        if config.text_from_llm:
+        if not config.text_encoder:
             text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
 
     # drop_last: the CLIP loss needs the same batch on every rank, and a batch of one pair learns nothing

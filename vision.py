@@ -484,28 +484,39 @@ def text_encoder_from_llm(folder: str, lang_codes, embeddings: str = "llm") -> T
     token (seeded), so every word is as far from every other. A small LM trained from scratch
     puts words that share contexts together (the synthetic language's warm/kalt: cosine 0.97),
     and a teacher that cannot tell two sentences apart gives VCP no reason to either.
-    It is an mBART-format encoder with no layers, so the rest of the pipeline is unchanged;
     lang_codes: mBART's language codes, added to the tokenizer as mBART has them.
     """
     folder = hf.checkpoint_folder(folder)
-    tok = Tokenizer.from_pretrained(folder)
-    backend = tok.backend
-    backend.add_special_tokens(["</s>", *lang_codes])
     path = os.path.join(folder, "model.safetensors")
     embed = hf.read_safetensors(path, keep=lambda k: k == "model.embed_tokens.weight").get("model.embed_tokens.weight")
     if embed is None:
         raise UserError(f"{path}: no model.embed_tokens.weight; --text_from_llm takes a Qwen2/Llama folder")
-    embed = embed.float()  # (V, D)
     if embeddings == "random":
         embed = torch.randn(embed.shape, generator=torch.Generator().manual_seed(0))
     elif embeddings != "llm":
         raise UserError(f"teacher embeddings must be llm or random, got {embeddings!r}")
+    return bag_of_words(Tokenizer.from_pretrained(folder), embed.float(), lang_codes)
+
+
+def text_encoder_from_words(texts, dim: int, lang_codes) -> TextEncoder:
+    """The demo's teacher, needing no other stage (as the paper's mBART needs none): one fixed
+    random vector (seeded) per word of `texts`, mean-pooled; a word it never saw is <|unk|>."""
+    tok = Tokenizer.train(texts, kind="wordlevel")
+    return bag_of_words(tok, torch.randn(len(tok), dim, generator=torch.Generator().manual_seed(0)), lang_codes)
+
+
+def bag_of_words(tok, embed, lang_codes) -> TextEncoder:
+    """An mBART-format encoder with no layers over `tok`'s words, `embed` (V, D) its token vectors,
+    so the rest of the pipeline (saving, loading, VLT) is unchanged."""
+    backend = tok.backend
+    backend.add_special_tokens(["</s>", *lang_codes])
     encoder_config = TextEncoderConfig(vocab_size=backend.get_vocab_size(with_added_tokens=True),
                                        d_model=embed.shape[1], encoder_layers=0, encoder_attention_heads=1,
                                        encoder_ffn_dim=embed.shape[1], max_position_embeddings=512,
                                        scale_embedding=False, pad_token_id=tok.pad_token_id, pool="mean")
     enc = TextEncoder(encoder_config, backend, path="")
     with torch.no_grad():
+        enc.embed_tokens.weight.zero_()  # the tokens added above: in every sentence, so they carry nothing
         enc.embed_tokens.weight[:embed.shape[0]] = embed
         enc.embed_positions.weight.zero_()  # a bag of words: order is what the video must supply
     return enc.requires_grad_(False).eval()

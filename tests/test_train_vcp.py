@@ -38,7 +38,7 @@ from readers import load_rows  # noqa: E402
 from synth import synthesize  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from training import autocast, seed_everything  # noqa: E402
-from vision import text_encoder_from_llm  # noqa: E402
+from vision import load_text_encoder, text_encoder_from_llm, text_encoder_from_words  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, one thread
 
@@ -262,3 +262,21 @@ def test_random_teacher_embeddings_keep_words_the_llm_merges(setup, tmp_path):
     assert torch.equal(teacher.embed_tokens.weight[:len(embed)], want)
     with pytest.raises(UserError, match="teacher embeddings must be llm or random, got 'mbart'"):
         text_encoder_from_llm(str(twin), train_vcp.LANG_CODES.values(), "mbart")
+
+
+def test_teacher_from_words_needs_no_llm(tmp_path):
+    """--text_from_words=D (the demo's): a word-level tokenizer over the training sentences and one
+    seeded random vector per word, mean-pooled, order-blind; an unseen word is <|unk|>. The VCP folder
+    keeps it as an mBART-format text_encoder/ that loads back to the same sentence embeddings."""
+    sentences = ["heute wird es warm", "heute wird es kalt", "morgen regen"]
+    teacher = text_encoder_from_words(sentences, 16, train_vcp.LANG_CODES.values())
+    emb = train_vcp.encode_sentences(teacher, sentences + ["es wird heute warm", "heute wird es heiss"], "de_DE", "cpu")
+    assert emb.shape == (5, 16)
+    assert not torch.allclose(emb[0], emb[1], atol=1e-3)          # warm and kalt: two random vectors
+    torch.testing.assert_close(emb[0], emb[3])                     # a bag of words: order is the video's to give
+    assert not torch.allclose(emb[3], emb[4], atol=1e-3)          # heiss was never seen: <|unk|>, not warm
+    again = text_encoder_from_words(sentences, 16, train_vcp.LANG_CODES.values())
+    assert torch.equal(again.embed_tokens.weight, teacher.embed_tokens.weight)   # seeded
+    teacher.save_pretrained(str(tmp_path / "teacher"))
+    loaded = load_text_encoder(str(tmp_path / "teacher"))
+    torch.testing.assert_close(train_vcp.encode_sentences(loaded, sentences, "de_DE", "cpu"), emb[:3])
