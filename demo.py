@@ -1,9 +1,9 @@
 """`make demo`: the whole trilogy on a synthetic sign language, on a CPU, in minutes.
 
 It runs the same scripts with the same flags a GPU user runs (README), only with tiny values:
-    synth.py -> train_cpt.py -> train_vcp.py -> train_vlt.py (connector) -> train_vlt.py
-    --full_tune=true -> eval.py on the held-out test split (gloss combinations never seen in
-    training), and prints BLEU/ROUGE for the untrained pipeline, the language prior alone
+    synth.py -> train_cpt.py and train_vcp.py side by side -> train_vlt.py (connector) ->
+    train_vlt.py --full_tune=true -> eval.py on the held-out test split (gloss combinations never
+    seen in training), and prints BLEU/ROUGE for the untrained pipeline, the language prior alone
     (text-only: the trained LLM with no visual tokens) and the trained model.
 Everything goes under --out (default out/demo); results.json holds the table. Last, after
 every number, it draws two pictures (plot.py): curves.png, the four training runs' loss and
@@ -33,7 +33,8 @@ class DemoConfig:
     seed: int = 0
     n_train: int = 3000
     n_test: int = 300
-    threads: int = 2                 # torch threads per process (the target machine has 2 cores)
+    threads: int = 2                 # cores (the target machine has 2): a VLT stage's torch threads; CPT and VCP
+                                     # side by side, and the evaluations two at a time, have half each
     cpt_steps: int = 400
     vcp_steps: int = 220
     vlt_steps: int = 600
@@ -65,15 +66,16 @@ def cpt_args(config: DemoConfig, corpus: str, out: str) -> list:
             f"--seed={config.seed}", _limit(config)]
 
 
-def vcp_args(config: DemoConfig, data: str, cpt: str, out: str) -> list:
+def vcp_args(config: DemoConfig, data: str, out: str) -> list:
     """Stage 2: a tiny ViT on 32 px frames ("flat" frame pooling: see README), 1 local + 2 full layers
     (2: the sentence-level ablation takes the penultimate one, which must see the whole clip);
-    the teacher a bag of random word vectors (the CPT LLM's embeddings merge the minimal pairs: README)."""
-    return ["train_vcp.py", f"--data={data}", f"--text_from_llm={cpt}", f"--out={out}", "--image_size=32",
+    the teacher a bag of random word vectors (the CPT LLM's embeddings merge the minimal pairs: README),
+    so VCP needs no CPT and the two run side by side."""
+    return ["train_vcp.py", f"--data={data}", "--text_from_words=128", f"--out={out}", "--image_size=32",
             "--resize=32", "--stride=2", "--max_frames=64", "--cache_videos=true", "--flip=0", "--rotation=0",
             "--color_jitter=0.1", "--frame_pool=flat", "--vit_tuning=full", "--vit_dim=64", "--vit_layers=2",
             "--vit_heads=4", "--patch_size=8", "--dim=128", "--heads=4", "--local_layers=1", "--window=3",
-            "--full_layers=2", "--dropout=0.0", "--clip_dim=128", "--logit_scale_init=30", "--teacher_embeddings=random",
+            "--full_layers=2", "--dropout=0.0", "--clip_dim=128", "--logit_scale_init=30",
             f"--max_steps={config.vcp_steps}", "--batch_size=64", "--lr=2e-3", "--weight_decay=1e-5", "--log_every=25",
             f"--seed={config.seed}", "--vit_chunk_size=256", _limit(config)]
 
@@ -98,36 +100,47 @@ def eval_args(checkpoint: str, data: str, scores: str, predictions: str) -> list
             f"--json={scores}", f"--predictions={predictions}", "--batch_size=50", "--max_new_tokens=32"]
 
 
-def run_stage(args: list, log: str, name: str) -> float:
-    """One stage as its own process (as a user would run it), its output into the file `log`;
-    returns its seconds. A failure prints the log's tail and stops the program."""
-    t0 = time.time()
+def start_stage(args: list, log: str, threads: int) -> subprocess.Popen:
+    """One stage as its own process (as a user would run it) with `threads` torch threads, its
+    output into the file `log`."""
     with open(log, "w") as f:
-        proc = subprocess.run([PY] + args, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
+        return subprocess.Popen([PY] + args, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+
+
+def check_stage(proc: subprocess.Popen, log: str, name: str):
+    """A stage that failed prints its log's tail and stops the program."""
+    if proc.wait() != 0:
         with open(log) as f:
             tail = f.read().splitlines()[-15:]
         print("\n".join(tail))
         raise SystemExit(f"{name} failed (exit {proc.returncode}); full log in {log}")
-    return time.time() - t0
 
 
 # ----------------------------------------------------------------------------- the demo
 
-def run(title: str, args: list, log_dir: str):
-    """A stage of the demo: its command line, then its time; its output goes to a log file."""
-    print(f"== {title}: {' '.join(os.path.basename(a) if a == PY else a for a in [PY] + args)}", flush=True)
-    log = os.path.join(log_dir, f"{title.replace(' ', '_')}.log")
-    seconds = run_stage(args, log, f"demo: {title}")
-    print(f"   done in {seconds:.0f} s (log: {log})", flush=True)
+def run(stages: dict, log_dir: str, threads: int) -> dict:
+    """Stages {key: (title, args)} side by side, each its own process with `threads` threads (a
+    float sum, and so every score, depends on the thread count: it is part of the recipe);
+    returns {key: seconds}."""
+    procs, seconds = {}, {}
+    for key, (title, args) in stages.items():
+        print(f"== {title}: {' '.join(os.path.basename(a) if a == PY else a for a in [PY] + args)}", flush=True)
+        log = os.path.join(log_dir, f"{title.replace(' ', '_')}.log")
+        procs[key] = (title, start_stage(args, log, threads), log, time.time())
+    while len(seconds) < len(procs):
+        for key, (title, proc, log, t0) in procs.items():
+            if key not in seconds and proc.poll() is not None:
+                check_stage(proc, log, f"demo: {title}")
+                seconds[key] = time.time() - t0
+                print(f"   {title}: done in {seconds[key]:.0f} s (log: {log})", flush=True)
+        time.sleep(0.1)
     return seconds
 
 
 def main(argv):
     config = parse_config(DemoConfig, argv)
     t_start = time.time()
-    # fixed, not a default: float sums (and so every score) depend on the number of threads
-    os.environ["OMP_NUM_THREADS"] = str(config.threads)
     out = config.out
     data, cpt, vcp, vlt, full = (os.path.join(out, d) for d in ("data", "cpt", "vcp", "vlt", "vlt_full"))
     logs = os.path.join(out, "logs")
@@ -137,24 +150,32 @@ def main(argv):
     def done(folder):  # a stage that finished before is not run again (unless --fresh=true)
         return not config.fresh and os.path.isfile(os.path.join(folder, "config.json"))
 
+    # CPT and VCP read nothing of each other (in the paper too): side by side, one core each;
+    # each VLT stage has every core; the four evaluations go two at a time, one core each
+    half = max(1, config.threads // 2)
     if config.fresh or not os.path.isfile(os.path.join(data, "meta.json")):
-        seconds["data"] = run("synthetic data", synth_args(config, data), logs)
-    if not done(cpt):
-        seconds["cpt"] = run("stage 1 CPT", cpt_args(config, f"{data}/corpus.jsonl", cpt), logs)
-    if not done(vcp):
-        seconds["vcp"] = run("stage 2 VCP", vcp_args(config, data, cpt, vcp), logs)
+        seconds.update(run({"data": ("synthetic data", synth_args(config, data))}, logs, config.threads))
+    first = {"cpt": ("stage 1 CPT", cpt_args(config, f"{data}/corpus.jsonl", cpt), cpt),
+             "vcp": ("stage 2 VCP", vcp_args(config, data, vcp), vcp)}
+    seconds.update(run({key: (title, args) for key, (title, args, folder) in first.items() if not done(folder)},
+                       logs, half))
     if not done(vlt):
-        seconds["vlt"] = run("stage 3 VLT connector", vlt_args(config, data, cpt, vcp, vlt), logs)
+        seconds.update(run({"vlt": ("stage 3 VLT connector", vlt_args(config, data, cpt, vcp, vlt))}, logs,
+                           config.threads))
     if not done(full):
-        seconds["full_tune"] = run("stage 3 VLT full-tune", full_tune_args(config, data, vlt, full), logs)
+        seconds.update(run({"full_tune": ("stage 3 VLT full-tune", full_tune_args(config, data, vlt, full))}, logs,
+                           config.threads))
 
+    rows = {"untrained": (full, ["--untrained=true"]), "text_only": (full, ["--text_only=true"]),
+            "connector_only": (vlt, []), "test": (full, [])}
+    names = list(rows)
+    for pair in (names[:2], names[2:]):
+        run({name: (f"eval {name}", eval_args(rows[name][0], data, os.path.join(out, f"scores_{name}.json"),
+                                              os.path.join(out, f"predictions_{name}.jsonl")) + rows[name][1])
+             for name in pair}, logs, half)
     results = {}
-    rows = [("untrained", full, ["--untrained=true"]), ("text_only", full, ["--text_only=true"]),
-            ("connector_only", vlt, []), ("test", full, [])]
-    for name, ckpt, extra in rows:
-        path = os.path.join(out, f"scores_{name}.json")
-        run(f"eval {name}", eval_args(ckpt, data, path, os.path.join(out, f"predictions_{name}.jsonl")) + extra, logs)
-        with open(path) as f:
+    for name in names:
+        with open(os.path.join(out, f"scores_{name}.json")) as f:
             results[name] = json.load(f)
     results["seconds"] = round(time.time() - t_start, 1)
     results["stage_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
