@@ -9,12 +9,15 @@ held-out test split, beam 4). A seed seeds the data and every stage. What a vari
 the full recipe is trained once per seed and serves every variant that shares it:
 
     OUT/seed{s}/data            synth.py --seed s (one per seed)
-    OUT/seed{s}/cpt             CPT; also the VCP teacher of every variant
+    OUT/seed{s}/cpt             CPT
     OUT/seed{s}/cpt_no_pairs    CPT on corpus_no_pairs.jsonl (the corpus without its gloss-text pairs)
     OUT/seed{s}/vcp_{v}         VCP of the full recipe (v = full) and of each variant that changes VCP
     OUT/seed{s}/vlt_{v}         the connector stage; features_{v}/ its word-feature cache (one per VCP)
     OUT/seed{s}/tune_{v}        full-tuning from vlt_{v}
     OUT/seed{s}/scores_{v}.json eval.py's scores (predictions_{v}.jsonl beside them), logs/ every run's output
+
+Runs go two at a time (--cores), each with one thread, in the plan's order as soon as the
+runs they read are complete: one thread a run does more work on two cores than two threads do.
 
 Then OUT/results.json (per variant: the seeds' BLEU-4 and ROUGE-L, mean, sd, delta against the
 full recipe with the sd of the per-seed deltas, whether the paper's claim is reproduced),
@@ -43,7 +46,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from cli import cli, parse_config
-from demo import DemoConfig, cpt_args, eval_args, full_tune_args, run_stage, synth_args, vcp_args, vlt_args
+from demo import (DemoConfig, check_stage, cpt_args, eval_args, full_tune_args, start_stage, synth_args, vcp_args,
+                  vlt_args)
 from errors import UserError
 
 
@@ -53,7 +57,7 @@ class AblationsConfig:
     seeds: Optional[str] = field(default=None, metadata={"help": "comma-separated; none: 0,1,2 (0 with --quick)"})
     variants: str = field(default="", metadata={"help": "comma-separated subset (full always runs); '': all"})
     quick: bool = False              # tiny data and 2 steps per stage (the tests): checks the code paths only
-    threads: int = DemoConfig.threads
+    cores: int = DemoConfig.threads  # runs side by side, one torch thread each
     stage_time_limit: Optional[float] = None   # as demo.py's: off, since it makes scores depend on the machine
 
 
@@ -69,7 +73,8 @@ class Variant:
 # Each variant changes one thing of the full recipe; the stages it does not change are the full recipe's.
 VARIANTS = {
     "full": Variant("the full recipe: every delta is against it"),
-    "no_local": Variant("Tab. 7: lower without the local (frame-level) attention", vcp=("--local_layers=0",)),
+    "no_local": Variant("Tab. 7: lower without the local attention (frame features into the full-attention one)",
+                        vcp=("--local_layers=0", "--step=1")),
     "linear_connector": Variant("Tab. 8 row 2: a linear connector scores below the 2-layer MLP",
                                 vlt=("--connector=linear",)),
     "sentence_tokens": Variant("Tab. 8 row 1: sentence-level tokens score below word-level ones",
@@ -90,6 +95,7 @@ QUICK_FLAGS = {"data": ["--n_dev=4", "--n_corpus=200"], "cpt": ["--batch_size=8"
                "vcp": ["--batch_size=8", "--max_frames=16"], "vlt": ["--batch_size=8"], "tune": ["--batch_size=8"],
                "eval": ["--max_new_tokens=8"]}
 TRAINING = ("cpt", "vcp", "vlt", "tune")
+THREADS = 1                          # per run (part of its command: a float sum, and so a score, depends on it)
 
 
 @dataclass
@@ -111,8 +117,8 @@ class Run:
         """Its output goes to LOG.log; LOG.cmd records the command it ran with (the flags and the threads)."""
         return os.path.join(os.path.dirname(self.output), "logs", self.stage + (f"_{self.name}" if self.name else ""))
 
-    def command(self, threads: int) -> str:
-        return f"OMP_NUM_THREADS={threads} python " + " ".join(self.args)
+    def command(self) -> str:
+        return f"OMP_NUM_THREADS={THREADS} python " + " ".join(self.args)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -161,7 +167,7 @@ def plan(config: AblationsConfig) -> list:
         return runs.setdefault(output, run)
 
     for seed in seeds_of(config):
-        recipe = DemoConfig(seed=seed, threads=config.threads, stage_time_limit=config.stage_time_limit)
+        recipe = DemoConfig(seed=seed, stage_time_limit=config.stage_time_limit)
         recipe = dataclasses.replace(recipe, **QUICK) if config.quick else recipe
         path = functools.partial(os.path.join, config.out, f"seed{seed}")
         data = add(seed, "data", "", path("data"), synth_args(recipe, path("data")))
@@ -177,10 +183,8 @@ def plan(config: AblationsConfig) -> list:
                 no_pairs = path("corpus_no_pairs.jsonl")
                 cpt = add(seed, "cpt", name, path("cpt_no_pairs"), cpt_args(recipe, no_pairs, path("cpt_no_pairs")),
                           inputs=[data], before=functools.partial(drop_pairs, corpus, no_pairs))
-            # the VCP teacher is the full CPT in every variant (cpt_no_pairs changes the LLM only)
             out = path(f"vcp_{own_vcp}")
-            vcp = add(seed, "vcp", own_vcp, out, vcp_args(recipe, data.output, full_cpt.output, out), v.vcp,
-                      [data, full_cpt])
+            vcp = add(seed, "vcp", own_vcp, out, vcp_args(recipe, data.output, out), v.vcp, [data])
             out, cache = path(f"vlt_{own_vlt}"), path(f"features_{own_vcp}")   # word features: one set per VCP
             vlt = add(seed, "vlt", own_vlt, out, vlt_args(recipe, data.output, cpt.output, vcp.output, out),
                       [*v.vlt, f"--cache={cache}"], [data, cpt, vcp])
@@ -219,13 +223,13 @@ def stamp(run: Run) -> Optional[float]:
     return os.path.getmtime(marker)
 
 
-def status(run: Run, threads: int) -> str:
+def status(run: Run) -> str:
     """done: complete, with the same command, newer than its inputs | resume: a training run cut
     short, same command, same inputs (continue from its checkpoint) | run: from the start,
     replacing what is there (new, changed flags or threads, or an input made again)."""
     try:
         with open(run.log + ".cmd") as f:
-            if f.read() != run.command(threads):
+            if f.read() != run.command():
                 return "run"
     except OSError:
         return "run"
@@ -304,27 +308,47 @@ def bar_chart(results: dict, out_png: str) -> Figure:
 
 # ----------------------------------------------------------------------------- main
 
+def execute(runs: list, cores: int):
+    """Every run not done before, `cores` at a time, each as soon as the runs it reads are complete
+    (in the plan's order); a progress line as each ends. A failure stops the others (they resume)."""
+    waiting, running, complete, width, ended = list(runs), [], set(), len(str(len(runs))), 0
+    try:
+        while waiting or running:
+            for run in [r for r in waiting if all(i.output in complete for i in r.inputs)]:
+                if len(running) == cores:
+                    break
+                waiting.remove(run)
+                state = status(run)
+                if state == "done":
+                    ended += 1
+                    print(f"[{ended:{width}d}/{len(runs)}] {run.label} ... (done before)", flush=True)
+                    complete.add(run.output)
+                    continue
+                os.makedirs(os.path.dirname(run.log), exist_ok=True)
+                with open(run.log + ".cmd", "w") as f:
+                    f.write(run.command())
+                if run.before is not None:
+                    run.before()
+                args = run.args + (["--resume=true"] if state == "resume" else [])
+                running.append((run, start_stage(args, run.log + ".log", THREADS), time.time(), state))
+            for item in [item for item in running if item[1].poll() is not None]:
+                run, proc, t0, state = item
+                check_stage(proc, run.log + ".log", f"ablations: {run.label}")
+                running.remove(item)
+                complete.add(run.output)
+                ended += 1
+                print(f"[{ended:{width}d}/{len(runs)}] {run.label} ... done in {time.time() - t0:.0f} s"
+                      + (" (resumed)" if state == "resume" else ""), flush=True)
+            time.sleep(0.1)
+    finally:
+        for _, proc, _, _ in running:
+            proc.terminate()
+
+
 def main(argv):
     config = parse_config(AblationsConfig, argv)
     t_start = time.time()
-    os.environ["OMP_NUM_THREADS"] = str(config.threads)   # as demo.py: scores depend on the thread count
-    runs = plan(config)
-    width = len(str(len(runs)))
-    for i, run in enumerate(runs, 1):
-        head = f"[{i:{width}d}/{len(runs)}] {run.label} ..."
-        state = status(run, config.threads)
-        if state == "done":
-            print(f"{head} (done before)", flush=True)
-            continue
-        print(head, end=" ", flush=True)
-        os.makedirs(os.path.dirname(run.log), exist_ok=True)
-        with open(run.log + ".cmd", "w") as f:
-            f.write(run.command(config.threads))
-        if run.before is not None:
-            run.before()
-        resume = ["--resume=true"] if state == "resume" else []
-        seconds = run_stage(run.args + resume, run.log + ".log", f"ablations: {run.label}")
-        print(f"done in {seconds:.0f} s" + (" (resumed)" if state == "resume" else ""), flush=True)
+    execute(plan(config), config.cores)
 
     seeds = seeds_of(config)
     scores = {name: [_read_json(os.path.join(config.out, f"seed{s}", f"scores_{name}.json")) for s in seeds]

@@ -53,6 +53,7 @@ def test_every_command_parses_and_carries_its_variants_change():
     runs = {(r.seed, r.stage, r.name): r for r in plan(AblationsConfig(seeds="0"))}
     flags = {key: parse_config(CONFIGS[key[1]], r.args[1:]) for key, r in runs.items() if key[1] in CONFIGS}
     assert flags[0, "vcp", "no_local"].local_layers == 0 and flags[0, "vcp", "full"].local_layers == 1
+    assert flags[0, "vcp", "no_local"].step == 1 and flags[0, "vcp", "full"].step == 4   # frame-level tokens
     assert flags[0, "vcp", "signcl0"].signcl_weight == 0 and flags[0, "vcp", "full"].signcl_weight == 0.01
     assert (flags[0, "vcp", "no_vcp"].max_steps, flags[0, "vcp", "no_vcp"].lr) == (1, 1e-8)
     for stage in ("vlt", "tune"):
@@ -65,7 +66,8 @@ def test_every_command_parses_and_carries_its_variants_change():
     assert flags[0, "cpt", "cpt_no_pairs"].corpus.endswith("corpus_no_pairs.jsonl")
     assert flags[0, "vlt", "cpt_no_pairs"].cpt.endswith("cpt_no_pairs")
     assert flags[0, "vlt", "cpt_no_pairs"].vcp == flags[0, "vlt", "full"].vcp
-    assert all(f.text_from_llm.endswith(os.sep + "cpt") for k, f in flags.items() if k[1] == "vcp")
+    assert all(f.text_from_words == 128 and not f.text_from_llm for k, f in flags.items() if k[1] == "vcp")
+    assert all([i.stage for i in r.inputs] == ["data"] for k, r in runs.items() if k[1] == "vcp")  # CPT's twin
     # connector_only: the full recipe's connector folder, no training of its own
     assert flags[0, "eval", "connector_only"].checkpoint == flags[0, "tune", "full"].init
     assert flags[0, "eval", "full"].checkpoint == flags[0, "tune", "full"].out
@@ -76,7 +78,7 @@ def test_every_command_parses_and_carries_its_variants_change():
     vlt = runs[0, "vlt", "full"]
     assert vlt.args[:-1] == demo.vlt_args(recipe, *(vlt.args[i].split("=", 1)[1] for i in (1, 2, 3, 4)))
     assert runs[0, "vcp", "full"].args == demo.vcp_args(recipe, *(runs[0, "vcp", "full"].args[i].split("=", 1)[1]
-                                                                   for i in (1, 2, 3)))
+                                                                   for i in (1, 3)))
 
 
 def test_a_subset_of_variants_keeps_the_full_recipe():
@@ -101,36 +103,39 @@ def test_a_run_is_done_resumed_or_run_again(tmp_path):
                 json.dump(content, f)
         os.makedirs(os.path.dirname(run.log), exist_ok=True)
         with open(run.log + ".cmd", "w") as f:
-            f.write(run.command(2))
+            f.write(run.command())
 
     runs = {r.label: r for r in plan(AblationsConfig(out=str(tmp_path), seeds="0", variants="no_prompt"))}
     data, cpt, vcp = runs["seed 0 data"], runs["seed 0 cpt full"], runs["seed 0 vcp full"]
     os.makedirs(data.output)
     (tmp_path / "seed0" / "data" / "meta.json").write_text("{}")
-    assert ablations.status(data, 2) == "run"                            # no record of its command
+    assert ablations.status(data) == "run"                               # no record of its command
     os.makedirs(os.path.dirname(data.log))
     with open(data.log + ".cmd", "w") as f:
-        f.write(data.command(2))
-    assert ablations.status(data, 2) == "done" and ablations.status(data, 1) == "run"   # threads changed
-    assert ablations.status(cpt, 2) == "run"                              # nothing there
+        f.write(data.command().replace("OMP_NUM_THREADS=1", "OMP_NUM_THREADS=2"))
+    assert ablations.status(data) == "run"                               # made with other threads
+    with open(data.log + ".cmd", "w") as f:
+        f.write(data.command())
+    assert ablations.status(data) == "done"
+    assert ablations.status(cpt) == "run"                              # nothing there
     finish(cpt, step=1)
-    assert ablations.status(cpt, 2) == "resume"                           # cut short on the same inputs
+    assert ablations.status(cpt) == "resume"                           # cut short on the same inputs
     finish(cpt)
-    assert ablations.status(cpt, 2) == "done"
+    assert ablations.status(cpt) == "done"
     finish(vcp)
-    assert ablations.status(vcp, 2) == "done"
+    assert ablations.status(vcp) == "done"
     past = (time.time() - 100,) * 2
-    os.utime(os.path.join(vcp.output, "config.json"), past)              # the CPT made again after the VCP
-    assert ablations.status(vcp, 2) == "run"
+    os.utime(os.path.join(vcp.output, "config.json"), past)              # the data made again after the VCP
+    assert ablations.status(vcp) == "run"
     finish(vcp, step=1)
-    assert ablations.status(vcp, 2) == "resume"
+    assert ablations.status(vcp) == "resume"
     os.utime(os.path.join(vcp.output, "train_state", "state.json"), past)   # ... after its checkpoint
-    assert ablations.status(vcp, 2) == "run"
+    assert ablations.status(vcp) == "run"
     finish(vcp)
     with open(vcp.log + ".cmd", "w") as f:
-        f.write(vcp.command(2).replace("--lr=2e-3", "--lr=1e-3"))       # a recipe value changed in demo.py
-    assert ablations.status(vcp, 2) == "run"
-    assert ablations.status(runs["seed 0 eval full"], 2) == "run"
+        f.write(vcp.command().replace("--lr=2e-3", "--lr=1e-3"))       # a recipe value changed in demo.py
+    assert ablations.status(vcp) == "run"
+    assert ablations.status(runs["seed 0 eval full"]) == "run"
 
 
 # ============================================================================ the results
@@ -169,7 +174,7 @@ def test_summary_by_hand():
 
 def ablate(out, *flags):
     """`python ablations.py --quick=true` into `out`; -> the progress lines {label: what they say}."""
-    proc = subprocess.run([sys.executable, "ablations.py", "--quick=true", "--threads=1", f"--out={out}", *flags],
+    proc = subprocess.run([sys.executable, "ablations.py", "--quick=true", f"--out={out}", *flags],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
@@ -239,9 +244,9 @@ def test_two_seeds_are_averaged(quick):
     out, _ = quick
     # seed 1 as if it had run: seed 0's folders (mtimes kept) under the commands of seed 1's plan
     shutil.copytree(out / "seed0", out / "seed1")
-    for run in plan(AblationsConfig(out=str(out), seeds="1", quick=True, threads=1)):
+    for run in plan(AblationsConfig(out=str(out), seeds="1", quick=True)):
         with open(run.log + ".cmd", "w") as f:
-            f.write(run.command(1))
+            f.write(run.command())
     full1 = out / "seed1" / "scores_full.json"
     scores = json.loads(full1.read_text())
     scores["bleu4"] = 10.0
