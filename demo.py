@@ -35,10 +35,10 @@ class DemoConfig:
     n_test: int = 300
     threads: int = 2                 # cores (the target machine has 2): a VLT stage's torch threads; CPT and VCP
                                      # side by side, and the evaluations two at a time, have half each
-    cpt_steps: int = 400
+    cpt_steps: int = 320
     vcp_steps: int = 220
     vlt_steps: int = 600
-    full_tune_steps: int = 120
+    full_tune_steps: int = 90
     # seconds per stage at most (a slower machine then stops early, still saving); none by
     # default, since a stage cut by the clock gives scores that depend on the machine's load
     stage_time_limit: Optional[float] = None
@@ -61,7 +61,7 @@ def synth_args(config: DemoConfig, data: str) -> list:
 def cpt_args(config: DemoConfig, corpus: str, out: str) -> list:
     """Stage 1: a tiny Qwen2-shaped LLM and a word-level tokenizer, from scratch, on the corpus."""
     return ["train_cpt.py", f"--corpus={corpus}", f"--out={out}", "--hidden_size=128", "--num_layers=3",
-            "--num_heads=4", "--num_kv_heads=2", "--intermediate_size=512", "--gloss_repeat=2", "--block_size=64",
+            "--num_heads=4", "--num_kv_heads=2", "--intermediate_size=512", "--gloss_repeat=2", "--block_size=52",
             f"--max_steps={config.cpt_steps}", "--batch_size=64", "--lr=3e-3", "--weight_decay=0.0", "--log_every=50",
             f"--seed={config.seed}", _limit(config)]
 
@@ -72,7 +72,7 @@ def vcp_args(config: DemoConfig, data: str, out: str) -> list:
     the teacher a bag of random word vectors (the CPT LLM's embeddings merge the minimal pairs: README),
     so VCP needs no CPT and the two run side by side."""
     return ["train_vcp.py", f"--data={data}", "--text_from_words=128", f"--out={out}", "--image_size=32",
-            "--resize=32", "--stride=2", "--max_frames=64", "--cache_videos=true", "--flip=0", "--rotation=0",
+            "--resize=32", "--stride=3", "--max_frames=64", "--cache_videos=true", "--flip=0", "--rotation=0",
             "--color_jitter=0.1", "--frame_pool=flat", "--vit_tuning=full", "--vit_dim=64", "--vit_layers=2",
             "--vit_heads=4", "--patch_size=8", "--dim=128", "--heads=4", "--local_layers=1", "--window=3",
             "--full_layers=2", "--dropout=0.0", "--clip_dim=128", "--logit_scale_init=30",
