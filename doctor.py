@@ -42,29 +42,6 @@ class CheckConfig:
 
 # ---------------------------------------------------------------------------- rows
 
-def _manifest_rows(path: Path, problems: dict) -> list:
-    """Rows of a jsonl manifest by read_manifest's rules, but a bad row is collected, not raised."""
-    rows, seen = [], {}
-    for n, r in readers._jsonl(path):  # a line that is not JSON or not UTF-8 still raises: unreadable manifest
-        where, video, text = f"{path.name} row {n}", r.get("video"), r.get("text")
-        if not isinstance(video, str) or not video:
-            problems["bad rows"].append(f"{where}: no 'video'")
-            continue
-        vpath = Path(os.path.abspath(path.parent / video))
-        id = str(r.get("id", vpath.stem))
-        if id in seen:
-            problems["bad rows"].append(f"{where}: id {id!r} already used in row {seen[id]}")
-            continue
-        seen[id] = n
-        if not isinstance(text, str) or not text.strip():
-            problems["empty sentences"].append(f"{where} {id}")
-            text = ""
-        rows.append({"id": id, "video": str(vpath), "text": text.strip()})
-    if not problems["bad rows"] and not problems["empty sentences"]:
-        readers.read_manifest(path, check_files=False)  # the doctor's rules must be the reader's: it must pass
-    return rows
-
-
 def _split_sources(data: str, kind: str) -> list:
     """[(split, manifest file or None)]: a .jsonl is its own split; a folder's missing
     {split}.jsonl is skipped; Phoenix-2014T and CSL-Daily have all three."""
@@ -122,7 +99,8 @@ def check_split(data: str, kind: str, split: str, manifest, config: CheckConfig)
     problems = {k: [] for k in STOPS}
     problems["long clips"] = []
     try:
-        rows = _manifest_rows(manifest, problems) if manifest else readers.load_rows(data, split, check_files=False)
+        rows = (readers.read_manifest(manifest, check_files=False, problems=problems) if manifest
+                else readers.load_rows(data, split, check_files=False))
     except UserError as e:
         problems["unreadable manifest"].append(str(e))
         return {"split": split, "rows": None, "problems": problems, "frames": [], "texts": []}

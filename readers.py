@@ -9,6 +9,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Optional
 
 import av
 import numpy as np
@@ -154,28 +155,42 @@ def _jsonl(path: Path):
         yield n, r
 
 
-def read_manifest(path, check_files: bool = True) -> list:
-    """Rows of a jsonl manifest; `video` paths are relative to the manifest file."""
+def read_manifest(path, check_files: bool = True, problems: Optional[dict] = None) -> list:
+    """Rows of a jsonl manifest; `video` paths are relative to the manifest file. A bad row stops
+    the read with one line, or, given `problems` (the dataset doctor's {kind: [lines]}), is listed
+    there: a row without a video or with an id used before is skipped, one with an empty sentence
+    kept with text "" (its clip is still checked)."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{path}: manifest not found; give a .jsonl file or a folder with {{split}}.jsonl")
-    rows, seen = [], {}
+    rows, seen, listed = [], {}, []
+
+    def bad(kind: str, n: int, what: str, advice: str, line: str = ""):
+        if problems is None:
+            raise DataError(f"{path} row {n}: {what}; {advice}")
+        listed.append(line or f"{path.name} row {n}: {what}")
+        problems[kind].append(listed[-1])
+
     for n, r in _jsonl(path):
         video, text = r.get("video"), r.get("text")
         if not isinstance(video, str) or not video:
-            raise DataError(f"{path} row {n}: no 'video'; every row needs the path of its mp4 or frame folder")
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{path} row {n}: no text or empty 'text'; every row needs its spoken sentence")
+            bad("bad rows", n, "no 'video'", "every row needs the path of its mp4 or frame folder")
+            continue
         vpath = Path(os.path.abspath(path.parent / video))  # absolute paths stay as they are
+        id = str(r.get("id", vpath.stem))
+        if not isinstance(text, str) or not text.strip():
+            bad("empty sentences", n, "no text or empty 'text'", "every row needs its spoken sentence",
+                f"{path.name} row {n} {id}")
+            text = ""
         if check_files and not vpath.exists():
             raise MissingFileError(f"{path} row {n}: video {vpath} not found; "
                                    "paths are relative to the manifest file")
-        id = str(r.get("id", vpath.stem))
         if id in seen:
-            raise DataError(f"{path} row {n}: id {id!r} already used in row {seen[id]}; ids must be unique")
+            bad("bad rows", n, f"id {id!r} already used in row {seen[id]}", "ids must be unique")
+            continue
         seen[id] = n
         rows.append(_row(id, vpath, text.strip(), r.get("gloss"), r.get("signer")))
-    if not rows:
+    if not rows and not listed:
         raise DataError(f"{path}: manifest has no rows")
     return rows
 
