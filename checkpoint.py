@@ -259,7 +259,7 @@ def save_checkpoint(folder: str, tensors: Optional[dict] = None, config: Optiona
         _write_json(os.path.join(tmp, RUN_MARKER), {"stage": stage, "files": sorted(ours)})
         _publish_tree(tmp)  # what this save wrote; what is carried over below keeps its own modes
         carried = [name for name in (sorted(os.listdir(folder)) if os.path.isdir(folder) else [])
-                   if name not in written and name != RUN_MARKER
+                   if name not in written and name not in (RUN_MARKER, RUN_INFO + ".tmp")  # .tmp: a write cut short
                    and (state_only or name in KEEP or name not in previous)]
         for name in carried:
             _carry(os.path.join(folder, name), os.path.join(tmp, name))

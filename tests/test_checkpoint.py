@@ -86,6 +86,7 @@ def test_run_json_of_a_tiny_run_says_how_it_was_made_and_survives_saves_and_resu
     assert info["cuda"] == torch.version.cuda and "negatives" not in info
     assert [(s["step"], s["resumed"]) for s in info["starts"]] == [(0, False)]
     assert "run.json" in json.loads((out / "llava_slt_run.json").read_text())["files"]
+    (out / "run.json.tmp").write_text('{"stage": "tr')    # what a kill while run.json was written leaves
     # resumed with another accumulation, saving every step: one more start, this start's batch
     run_toy(out, steps=6, batch_size=4, grad_accum=1, resume=True, save_every=1)
     info = read_run(out)
@@ -93,7 +94,7 @@ def test_run_json_of_a_tiny_run_says_how_it_was_made_and_survives_saves_and_resu
     assert info["batch"]["global"] == 4 and info["config"]["resume"] is True
     assert all(s["git"] == FAKE_GIT and s["time"].endswith("Z") for s in info["starts"])
     assert sorted(os.listdir(out)) == ["config.json", "llava_slt_run.json", "metrics.jsonl", "model.safetensors",
-                                       "run.json", "train_state"]
+                                       "run.json", "train_state"]                  # the .tmp is not carried
     # a new run into the same folder (no --resume) is a new record
     run_toy(out, steps=2, batch_size=4)
     assert [(s["step"], s["resumed"]) for s in read_run(out)["starts"]] == [(0, False)]
