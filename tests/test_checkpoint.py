@@ -86,7 +86,6 @@ def test_run_json_of_a_tiny_run_says_how_it_was_made_and_survives_saves_and_resu
     assert info["cuda"] == torch.version.cuda and "negatives" not in info
     assert [(s["step"], s["resumed"]) for s in info["starts"]] == [(0, False)]
     assert "run.json" in json.loads((out / "llava_slt_run.json").read_text())["files"]
-    (out / "run.json.tmp").write_text('{"stage": "tr')    # what a kill while run.json was written leaves
     # resumed with another accumulation, saving every step: one more start, this start's batch
     run_toy(out, steps=6, batch_size=4, grad_accum=1, resume=True, save_every=1)
     info = read_run(out)
@@ -94,10 +93,20 @@ def test_run_json_of_a_tiny_run_says_how_it_was_made_and_survives_saves_and_resu
     assert info["batch"]["global"] == 4 and info["config"]["resume"] is True
     assert all(s["git"] == FAKE_GIT and s["time"].endswith("Z") for s in info["starts"])
     assert sorted(os.listdir(out)) == ["config.json", "llava_slt_run.json", "metrics.jsonl", "model.safetensors",
-                                       "run.json", "train_state"]                  # the .tmp is not carried
+                                       "run.json", "train_state"]
     # a new run into the same folder (no --resume) is a new record
     run_toy(out, steps=2, batch_size=4)
     assert [(s["step"], s["resumed"]) for s in read_run(out)["starts"]] == [(0, False)]
+
+
+def test_a_run_json_write_cut_short_is_not_carried_by_saves(tmp_path):
+    """A kill while run.json is written leaves run.json.tmp; a save keeps a user's files, not that."""
+    out = tmp_path / "ck"
+    checkpoint.save_checkpoint(str(out), config={"a": 1})
+    (out / "run.json.tmp").write_text('{"stage": "tr')
+    (out / "notes.txt").write_text("mine")
+    checkpoint.save_checkpoint(str(out), config={"a": 2})
+    assert sorted(os.listdir(out)) == ["config.json", "llava_slt_run.json", "notes.txt"]
 
 
 def test_vcp_records_its_negatives_and_a_world_of_processes():
