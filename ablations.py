@@ -16,8 +16,8 @@ the full recipe is trained once per seed and serves every variant that shares it
     OUT/seed{s}/tune_{v}        full-tuning from vlt_{v}
     OUT/seed{s}/scores_{v}.json eval.py's scores (predictions_{v}.jsonl beside them), logs/ every run's output
 
-Runs go two at a time (--cores), each with one thread, in the plan's order as soon as the
-runs they read are complete: one thread a run does more work on two cores than two threads do.
+Runs go two at a time (--cores), each with one thread, as soon as the runs they read are
+complete, earlier stages first: one thread a run does more work on two cores than two threads do.
 
 Then OUT/results.json (per variant: the seeds' BLEU-4 and ROUGE-L, mean, sd, delta against the
 full recipe with the sd of the per-seed deltas, whether the paper's claim is reproduced),
@@ -94,7 +94,8 @@ QUICK = dict(n_train=48, n_test=8, cpt_steps=2, vcp_steps=2, vlt_steps=2, full_t
 QUICK_FLAGS = {"data": ["--n_dev=4", "--n_corpus=200"], "cpt": ["--batch_size=8"],
                "vcp": ["--batch_size=8", "--max_frames=16"], "vlt": ["--batch_size=8"], "tune": ["--batch_size=8"],
                "eval": ["--max_new_tokens=8"]}
-TRAINING = ("cpt", "vcp", "vlt", "tune")
+STAGES = ("data", "cpt", "vcp", "vlt", "tune", "eval")
+TRAINING = STAGES[1:5]
 THREADS = 1                          # per run (part of its command: a float sum, and so a score, depends on it)
 
 
@@ -309,12 +310,15 @@ def bar_chart(results: dict, out_png: str) -> Figure:
 # ----------------------------------------------------------------------------- main
 
 def execute(runs: list, cores: int):
-    """Every run not done before, `cores` at a time, each as soon as the runs it reads are complete
-    (in the plan's order); a progress line as each ends. A failure stops the others (they resume)."""
+    """Every run not done before, `cores` at a time, each as soon as the runs it reads are complete:
+    earlier stages first (the runs that many wait for; so the last minutes are short runs side by
+    side, not one long one alone), then the plan's order. A progress line as each ends; a failure
+    stops the others (they resume)."""
     waiting, running, complete, width, ended = list(runs), [], set(), len(str(len(runs))), 0
     try:
         while waiting or running:
-            for run in [r for r in waiting if all(i.output in complete for i in r.inputs)]:
+            ready = [r for r in waiting if all(i.output in complete for i in r.inputs)]
+            for run in sorted(ready, key=lambda r: STAGES.index(r.stage)):
                 if len(running) == cores:
                     break
                 waiting.remove(run)

@@ -37,8 +37,8 @@ class DemoConfig:
                                      # side by side, and the evaluations two at a time, have half each
     cpt_steps: int = 320
     vcp_steps: int = 220
-    vlt_steps: int = 600
-    full_tune_steps: int = 90
+    vlt_steps: int = 560
+    full_tune_steps: int = 60
     # seconds per stage at most (a slower machine then stops early, still saving); none by
     # default, since a stage cut by the clock gives scores that depend on the machine's load
     stage_time_limit: Optional[float] = None
