@@ -57,7 +57,7 @@ class VCPTrainConfig(ModelFlags):
     vit: str = ""                    # DINOv2 folder (paper: dinov2-base); empty: a fresh ViT (vit_* flags)
     text_encoder: str = ""           # mBART folder (paper: mbart-large-cc25), or a Qwen2/Llama folder (Tab. 7 row 6:
                                      # the mean of its last hidden states)
-    text_from_llm: str = ""          # instead, the demo's: a bag of this LLM's token embeddings (a 0-layer mean-pooling
+    text_from_llm: str = ""          # instead: a bag of this LLM's token embeddings (a 0-layer mean-pooling
                                      # mBART-format encoder; a from-scratch LLM's states are no teacher yet)
     teacher_embeddings: str = "llm"  # with --text_from_llm: its token embeddings (llm) or one random vector per token
     text_from_words: int = 0         # > 0, the demo's: no folder; one random vector of this size per word of the
