@@ -316,12 +316,14 @@ def test_vcp_two_processes_equal_one_process_with_twice_the_batch(pipe, tmp_path
     one, two = load_file(pipe.vcp / "model.safetensors"), load_file(ddp / "model.safetensors")
     assert sorted(one) == sorted(two)
     for k in one:
-        # attention key biases: a bias shared by every key shifts a query's logits by a constant,
-        # which softmax ignores (but for RoPE's rotation), so their gradients are tiny and partly
-        # rounding, and Adam normalises them into steps of up to ~lr, rounding included: measured
-        # 1e-5 apart there, <= 7e-7 everywhere else (a step is ~1e-3)
-        key_bias = k.endswith(("k_proj.bias", "attention.key.bias"))
-        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-4 if key_bias else 1e-5, msg=k)
+        # Adam divides each gradient by its own running size, so an element whose gradient is
+        # rounding-level takes a step of up to ~lr whose size is rounding too (a step is ~1e-3):
+        # attention key biases (a bias shared by every key shifts a query's logits by a constant,
+        # which softmax ignores but for RoPE's rotation; 2 of 32 elements 1.8e-5 apart) and the
+        # odd frame_proj weight whose first gradient cancels to 1.8e-8 (median 2.7e-3; 3.2e-5
+        # apart, 1 of 4,096). Every other element was measured <= 4.6e-6 apart.
+        diff = (two[k] - one[k]).abs()
+        assert diff.max() <= 1e-4 and int((diff > 1e-5).sum()) <= 2, (k, diff.max().item())
     m1, m2 = metrics(pipe.vcp), metrics(ddp)
     for key in ("loss", "clip", "signcl"):
         torch.testing.assert_close(torch.tensor([r[key] for r in m2]), torch.tensor([r[key] for r in m1]),
