@@ -52,6 +52,7 @@ TRAIN_STATE = "train_state"
 FORMAT = 1
 RUN_INFO = "run.json"     # how the run was made (`record_run`)
 KEEP = ("metrics.jsonl", RUN_INFO)  # written by `fit` straight into the folder, between saves: every save keeps it
+PARTIAL = ".llava_slt-partial"  # write_json_atomic's file before its rename: a kill leaves it, no save carries it
 
 
 def recover_checkpoint(folder: str):
@@ -259,7 +260,7 @@ def save_checkpoint(folder: str, tensors: Optional[dict] = None, config: Optiona
         _write_json(os.path.join(tmp, RUN_MARKER), {"stage": stage, "files": sorted(ours)})
         _publish_tree(tmp)  # what this save wrote; what is carried over below keeps its own modes
         carried = [name for name in (sorted(os.listdir(folder)) if os.path.isdir(folder) else [])
-                   if name not in written and name not in (RUN_MARKER, RUN_INFO + ".tmp")  # .tmp: a write cut short
+                   if name not in written and name != RUN_MARKER and not name.endswith(PARTIAL)
                    and (state_only or name in KEEP or name not in previous)]
         for name in carried:
             _carry(os.path.join(folder, name), os.path.join(tmp, name))
@@ -372,7 +373,7 @@ def _start(info: dict, step: int) -> dict:
 
 def write_json_atomic(path: str, obj):
     """Whole or not at all: a reader never sees half a file (written beside it, then renamed)."""
-    tmp = path + ".tmp"
+    tmp = path + PARTIAL
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, default=str)
         f.write("\n")

@@ -100,10 +100,12 @@ def test_run_json_of_a_tiny_run_says_how_it_was_made_and_survives_saves_and_resu
 
 
 def test_a_run_json_write_cut_short_is_not_carried_by_saves(tmp_path):
-    """A kill while run.json is written leaves run.json.tmp; a save keeps a user's files, not that."""
+    """A kill while run.json (or eval's record beside its predictions) is written leaves the
+    unfinished file; a save keeps a user's files, not that."""
     out = tmp_path / "ck"
     checkpoint.save_checkpoint(str(out), config={"a": 1})
-    (out / "run.json.tmp").write_text('{"stage": "tr')
+    (out / ("run.json" + checkpoint.PARTIAL)).write_text('{"stage": "tr')
+    (out / ("predictions_test.run.json" + checkpoint.PARTIAL)).write_text('{"stage": "ev')
     (out / "notes.txt").write_text("mine")
     checkpoint.save_checkpoint(str(out), config={"a": 2})
     assert sorted(os.listdir(out)) == ["config.json", "llava_slt_run.json", "notes.txt"]
